@@ -2,7 +2,10 @@
 
 from .adaptive import AdaptiveModel, ControlledGeneration, PrefixState
 from .architectures import ARCHITECTURES, ArchitectureSpec, register_architecture
+from .config import KnobGRPOConfig
+from .controller import ControllerConfig, TwoStageController
 from .knobs import KNOB_NAMES, Knobs, KnobSpace
+from .trainer import KnobGRPOTrainer
 
 __version__ = "0.1.0"
 
@@ -11,6 +14,10 @@ __all__ = [
     "AdaptiveModel",
     "ArchitectureSpec",
     "ControlledGeneration",
+    "ControllerConfig",
+    "KnobGRPOConfig",
+    "KnobGRPOTrainer",
+    "TwoStageController",
     "KNOB_NAMES",
     "KnobSpace",
     "Knobs",

@@ -1,0 +1,87 @@
+"""``KnobGRPOConfig``: TRL's ``GRPOConfig`` with defaults for a small policy network and knob fields."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import GRPOConfig
+
+
+@dataclass
+class KnobGRPOConfig(GRPOConfig):
+    r"""Configuration of [`KnobGRPOTrainer`]: every ``GRPOConfig`` field, plus the knob-specific ones.
+
+    The policy is a controller of about a million parameters, not a language model, so some TRL
+    defaults change: a larger learning rate, no gradient checkpointing, no bf16, TRL's
+    ``max_completion_length`` is the executor's ``max_new_tokens``, and rewards are scaled by the
+    batch's standard deviation (with ``"group"`` scaling, a group whose accuracies tie would turn
+    latency noise into large advantages; DESIGN §8).
+    """
+
+    # ---- TRL defaults that do not fit an MLP policy
+    learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the controller."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Not useful for a small MLP policy."})
+    bf16: bool | None = field(default=False, metadata={"help": "The controller trains in float32."})
+    num_generations: int | None = field(default=8, metadata={"help": "Group size G: knob tuples sampled per prompt and budget."})
+    max_completion_length: int | None = field(default=8, metadata={"help": "max_new_tokens of the executor's generate."})
+    scale_rewards: str = field(
+        default="batch",
+        metadata={"help": "'batch' (default), 'group' or 'none': what the group-centred rewards are divided by."},
+    )
+    logging_steps: float = field(default=1, metadata={"help": "Log every this many steps."})
+    report_to: Any = field(default="none", metadata={"help": "Logging backends (TRL's usual ones)."})
+    save_strategy: str = field(default="no", metadata={"help": "When to save checkpoints ('no', 'steps', 'epoch')."})
+    use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is present."})
+
+    # ---- the data
+    prompt_column: str = field(default="prompt", metadata={"help": "Dataset column with the request's text."})
+    image_column: str | None = field(default="image", metadata={"help": "Dataset column with the image (ignored if absent)."})
+    budget_column: str = field(
+        default="budget",
+        metadata={"help": "Dataset column with the latency budget in ms; when absent, budgets are drawn (see budget_sampling)."},
+    )
+    budget_min_ms: float = field(default=170.0, metadata={"help": "Lower end of the budget range in ms (research system: 170)."})
+    budget_max_ms: float = field(default=380.0, metadata={"help": "Upper end of the budget range in ms (research system: 380)."})
+    budget_sampling: str = field(
+        default="uniform",
+        metadata={"help": "How budgets are drawn when the dataset has none: 'uniform' or 'log_uniform' over the range. "
+                  "The draw depends on the prompt and the step only, so every member of a group, on every process, "
+                  "gets the same budget."},
+    )
+
+    # ---- executing the knobs
+    latency_source: str = field(
+        default="measured",
+        metadata={"help": "'measured' (each configuration timed alone, wall clock) or the path of a latency profile "
+                  "(knob_grpo.latency.LatencyProfile) fitted on this device for this executor."},
+    )
+    latency_target: str = field(
+        default="ttft",
+        metadata={"help": "What a budget limits: 'ttft' (time to first token: vision + prefill) or 'end_to_end'."},
+    )
+    rollout_mode: str = field(
+        default="auto",
+        metadata={"help": "'naive' (latency-token mode: a partial forward, then a separate full generate), 'fused' (continue "
+                  "the partial forward from block p; needs a profile, since a continued prefill cannot be timed as one) "
+                  "or 'auto' (fused when the latency comes from a profile)."},
+    )
+    executor_generation_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Extra keyword arguments of the executor's generate (greedy by default)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        lo, hi = float(self.budget_min_ms), float(self.budget_max_ms)
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 or hi <= lo:
+            raise ValueError(f"budget range ({self.budget_min_ms}, {self.budget_max_ms}) must satisfy 0 < budget_min_ms < budget_max_ms")
+        if self.budget_sampling not in ("uniform", "log_uniform"):
+            raise ValueError(f"budget_sampling={self.budget_sampling!r}; allowed: 'uniform', 'log_uniform'")
+        if self.latency_target not in ("ttft", "end_to_end"):
+            raise ValueError(f"latency_target={self.latency_target!r}; allowed: 'ttft', 'end_to_end'")
+        if self.rollout_mode not in ("auto", "naive", "fused"):
+            raise ValueError(f"rollout_mode={self.rollout_mode!r}; allowed: 'auto', 'naive', 'fused'")
+        if self.rollout_mode == "fused" and self.latency_source == "measured":
+            raise ValueError("rollout_mode='fused' needs a latency profile: with measured latency each configuration is timed alone")

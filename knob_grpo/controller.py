@@ -1,0 +1,828 @@
+"""The two-stage knob controller: a small policy that picks a knob tuple for a latency budget.
+
+The controller is an ordinary transformers model (:class:`TwoStageController`, configured by
+:class:`ControllerConfig`, registered for ``AutoConfig`` / ``AutoModel`` when this module is
+imported), so ``save_pretrained``, ``AutoModel.from_pretrained``, trainer checkpoints and
+``push_to_hub`` work as for any model. The frozen executor (an :class:`~knob_grpo.adaptive.AdaptiveModel`)
+is never a submodule: the controller reads its input embedding table and, in latency-token mode,
+one hidden state from it, and nothing else.
+
+Inputs
+------
+* **Language feature** (:func:`language_features`, :func:`prompt_features`): the executor's own
+  input embeddings of the prompt's tokens, mean-pooled over the real tokens. A table lookup, no
+  transformer block, no gradient. Shape ``(B, language_dim)``.
+* **Budget feature**: the budget in milliseconds, normalised to the training range
+  ``x = (b - min_ms) / (max_ms - min_ms)``, through a fixed sinusoidal encoding
+  (``sin``/``cos`` of ``pi * j * x`` for ``j = 1 .. budget_encoding_dim / 2``, a Fourier basis on
+  the range) plus ``x`` itself, then a trainable MLP (each stage has its own).
+
+  Budgets must be finite and positive (anything else is a ``ValueError`` naming the value).
+  Budgets outside the range are accepted. With ``clamp_budget=True`` (the default) ``x`` is
+  clamped to ``[0, 1]`` before the encoding, so a budget above the range is treated exactly like
+  ``max_ms`` and one below like ``min_ms``: the controller never extrapolates, and a very large
+  budget gets the decision of the largest budget it was trained for. With ``clamp_budget=False``
+  the raw ``x`` is encoded: the sinusoids are periodic, so a budget outside the range aliases onto
+  some budget inside it and ``x`` grows without bound -- the decisions there are extrapolation
+  and not to be trusted.
+
+  A "budget token" appended to the prompt (an option in the seed design) is not offered: the
+  budget enters only through this feature.
+
+Stages
+------
+* **Stage 1** (before any model compute): language + budget -> logits for ``tier`` (if the
+  knob space has tiers) and ``insertion_position``.
+* **Stage 2** (``config.stage2_mode``):
+
+  - ``"latency_token"``: the latency token -- the hidden state of the last prompt token entering
+    block ``p`` (``AdaptiveModel.prefill(...).latency_token()``) -- plus the budget and an
+    embedding of ``p``;
+  - ``"prompt"``: the language feature plus the budget and an embedding of ``p`` (no model
+    compute: all four knobs are known before anything runs).
+
+  Output: logits for ``top_k`` (if the model is MoE) and ``num_active_blocks`` over
+  ``knob_space.all_block_options``, masked so an option not allowed for the row's ``p`` has
+  probability exactly zero (log-probability ``-inf``; it is never sampled nor chosen).
+
+A tuple's log-probability is the sum of its decisions' categorical log-probabilities; a knob the
+model lacks contributes 0.
+
+Batch-first API (``B`` requests, ``G`` samples per request, rows request-major)
+-------------------------------------------------------------------------------
+* :meth:`TwoStageController.sample` -- ``B*G`` sampled tuples with their per-decision log-probs
+  (no gradient; the "old policy" of a GRPO step).
+* :meth:`TwoStageController.log_probs` -- per-decision log-probs and entropies of given tuples,
+  with gradients (what the GRPO loss uses).
+* :meth:`TwoStageController.decide` -- the greedy tuple per request.
+* :meth:`TwoStageController.decide_and_generate` -- one call from prompt and budget to output
+  (this is what ``AdaptiveModel.generate(..., latency_budget=..., controller=...)`` calls).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .knobs import KNOB_NAMES, Knobs, KnobSpace
+
+__all__ = [
+    "ControllerConfig",
+    "ControllerOutput",
+    "KnobLogProbs",
+    "KnobSample",
+    "STAGE2_MODES",
+    "TwoStageController",
+    "language_features",
+    "prompt_features",
+]
+
+STAGE2_MODES = ("latency_token", "prompt")
+
+#: ``latency_token_fn(tiers, insertion_positions) -> (N, latency_token_dim)``: the latency token
+#: of each row, for that row's stage-1 choice (``tiers`` holds ``None`` for a text-only model).
+LatencyTokenFn = Callable[[list, list], torch.Tensor]
+
+
+# =========================================================================== configuration
+class ControllerConfig(PretrainedConfig):
+    """Configuration of a :class:`TwoStageController`.
+
+    Args:
+        knob_space: the executor's knob space, as :meth:`KnobSpace.to_dict` (required).
+        budget_min_ms, budget_max_ms: the budget range the controller is trained for
+            (``budget_range=(lo, hi)`` is accepted as a shorthand). Defaults: the research
+            system's 170-380 ms.
+        language_dim: width of the language feature (the executor's embedding dim).
+        latency_token_dim: width of the latency token (the executor's hidden size); defaults to
+            ``language_dim``.
+        hidden_size: width of stage 1; default ``min(256, max(64, language_dim // 8))``.
+        stage2_hidden_size: width of stage 2; default ``max(32, hidden_size // 2)``.
+        budget_encoding_dim: number of fixed sinusoidal budget features (even).
+        position_embedding_dim: width of the embedding of ``p`` fed to stage 2.
+        stage2_mode: ``"latency_token"`` or ``"prompt"`` (see the module docstring).
+        clamp_budget: clamp the normalised budget to ``[0, 1]`` before encoding it.
+        executor_name_or_path, executor_hidden_size, executor_num_blocks, executor_num_experts:
+            the executor the controller was built for (checked by
+            :meth:`TwoStageController.check_executor`; ``None`` = not recorded, not checked).
+        initializer_range: standard deviation of the output heads' initial weights (small, so a
+            new controller starts near the uniform policy over valid options).
+    """
+
+    model_type = "knob_grpo_controller"
+
+    knob_space: dict | None = None
+    budget_min_ms: float = 170.0
+    budget_max_ms: float = 380.0
+    language_dim: int = 2048
+    latency_token_dim: int | None = None
+    hidden_size: int | None = None
+    stage2_hidden_size: int | None = None
+    budget_encoding_dim: int = 32
+    position_embedding_dim: int = 32
+    stage2_mode: str = "latency_token"
+    clamp_budget: bool = True
+    executor_name_or_path: str | None = None
+    executor_hidden_size: int | None = None
+    executor_num_blocks: int | None = None
+    executor_num_experts: int | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        budget_range = kwargs.pop("budget_range", None)
+        if budget_range is not None:
+            if len(budget_range) != 2:
+                raise ValueError(f"budget_range={budget_range!r} must be (min_ms, max_ms)")
+            self.budget_min_ms, self.budget_max_ms = float(budget_range[0]), float(budget_range[1])
+        if isinstance(self.knob_space, KnobSpace):
+            self.knob_space = self.knob_space.to_dict()
+        if self.knob_space is not None:
+            KnobSpace.from_dict(self.knob_space)  # validate early
+        lo, hi = float(self.budget_min_ms), float(self.budget_max_ms)
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
+            raise ValueError(f"budget range ({lo}, {hi}) ms is invalid: need finite 0 <= min_ms < max_ms")
+        self.budget_min_ms, self.budget_max_ms = lo, hi
+        if self.stage2_mode not in STAGE2_MODES:
+            raise ValueError(f"stage2_mode={self.stage2_mode!r} is not one of {', '.join(STAGE2_MODES)}")
+        if self.budget_encoding_dim < 2 or self.budget_encoding_dim % 2:
+            raise ValueError(f"budget_encoding_dim={self.budget_encoding_dim} must be even and >= 2")
+        if self.latency_token_dim is None:
+            self.latency_token_dim = self.language_dim
+        if self.hidden_size is None:
+            self.hidden_size = min(256, max(64, self.language_dim // 8))
+        if self.stage2_hidden_size is None:
+            self.stage2_hidden_size = max(32, self.hidden_size // 2)
+        super().__post_init__(**kwargs)
+
+    @property
+    def budget_range(self) -> tuple[float, float]:
+        return (self.budget_min_ms, self.budget_max_ms)
+
+    def get_knob_space(self) -> KnobSpace:
+        if self.knob_space is None:
+            raise ValueError("this ControllerConfig has no knob_space; build it with knob_space=KnobSpace(...).to_dict()")
+        return KnobSpace.from_dict(self.knob_space)
+
+
+# =========================================================================== features
+def _embedding_of(embedding_or_adaptive: Any) -> nn.Embedding:
+    if isinstance(embedding_or_adaptive, nn.Embedding):
+        return embedding_or_adaptive
+    emb = getattr(embedding_or_adaptive, "input_embeddings", None)
+    if emb is None and hasattr(embedding_or_adaptive, "get_input_embeddings"):
+        emb = embedding_or_adaptive.get_input_embeddings()
+    if emb is None:
+        raise TypeError(f"expected an nn.Embedding or an AdaptiveModel, got {type(embedding_or_adaptive).__name__}")
+    return emb
+
+
+@torch.no_grad()
+def language_features(embedding_or_adaptive: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The language feature: the executor's input embeddings of the prompt, mean-pooled.
+
+    ``embedding_or_adaptive`` is the executor's ``nn.Embedding`` (or an ``AdaptiveModel`` /
+    transformers model, whose input embeddings are used). Only real tokens (``attention_mask == 1``)
+    are pooled; a row without tokens gives zeros. Returns ``(B, embedding_dim)`` in float32 on the
+    embedding's device, without gradient (the table is the frozen executor's).
+    """
+    emb = _embedding_of(embedding_or_adaptive)
+    device = emb.weight.device
+    input_ids = torch.as_tensor(input_ids, device=device)
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    mask = torch.as_tensor(attention_mask, device=device).to(torch.float32).unsqueeze(-1)
+    vectors = emb(input_ids).to(torch.float32)
+    return (vectors * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+@torch.no_grad()
+def prompt_features(adaptive: Any, texts: str | Sequence[str]) -> torch.Tensor:
+    """Language features of raw prompt texts: tokenised with ``adaptive.tokenizer`` as they are
+    (no chat template, no image tokens), embedded by the executor, mean-pooled: ``(B, language_dim)``."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    tokenizer = adaptive.tokenizer
+    if tokenizer is None:
+        raise ValueError("prompt_features needs the executor's tokenizer (build the AdaptiveModel with processor=...)")
+    if len(texts) > 1 and getattr(tokenizer, "pad_token_id", None) is not None:
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        return language_features(adaptive.input_embeddings, enc["input_ids"], enc["attention_mask"])
+    rows = []
+    for t in texts:  # no pad token (or a single prompt): one row at a time, no padding needed
+        enc = tokenizer(t, return_tensors="pt")
+        rows.append(language_features(adaptive.input_embeddings, enc["input_ids"], enc["attention_mask"]))
+    return torch.cat(rows, 0)
+
+
+# =========================================================================== outputs
+@dataclass
+class ControllerOutput(ModelOutput):
+    """Logits of one forward pass. Invalid ``num_active_blocks`` options hold ``-inf``.
+
+    Knobs the model lacks (and stage 2 when no ``insertion_positions`` were given) are ``None``.
+    """
+
+    tier_logits: torch.Tensor | None = None
+    insertion_position_logits: torch.Tensor | None = None
+    top_k_logits: torch.Tensor | None = None
+    num_active_blocks_logits: torch.Tensor | None = None
+
+
+@dataclass
+class KnobSample:
+    """What :meth:`TwoStageController.sample` returns (``N = B * G`` rows, request-major).
+
+    Attributes:
+        knobs: the sampled tuples; rows ``i*G .. i*G+G-1`` belong to request ``i``.
+        log_probs: per knob name, ``(N,)`` log-probabilities of each decision (0 for an absent knob).
+        log_prob: ``(N,)`` their sum, the tuple's log-probability.
+        indices: per knob name, ``(N,)`` option indices (-1 for an absent knob).
+        latency_tokens: ``(N, d)`` the latency tokens stage 2 read (latency-token mode), to pass
+            back to :meth:`TwoStageController.log_probs`; ``None`` in prompt mode.
+        num_generations: ``G``.
+    """
+
+    knobs: list[Knobs]
+    log_probs: dict[str, torch.Tensor]
+    log_prob: torch.Tensor
+    indices: dict[str, torch.Tensor]
+    latency_tokens: torch.Tensor | None = None
+    num_generations: int = 1
+
+
+@dataclass
+class KnobLogProbs:
+    """What :meth:`TwoStageController.log_probs` returns; every tensor is ``(N,)`` and differentiable.
+
+    Attributes:
+        per_decision: log-probability of each knob's decision (zeros for an absent knob).
+        total: their sum (the tuple's log-probability).
+        entropy: entropy of each decision's distribution (zeros for an absent knob).
+        entropy_total: their sum.
+    """
+
+    per_decision: dict[str, torch.Tensor]
+    total: torch.Tensor
+    entropy: dict[str, torch.Tensor] = field(default_factory=dict)
+    entropy_total: torch.Tensor | None = None
+
+
+# =========================================================================== building blocks
+class SinusoidalBudgetEncoding(nn.Module):
+    """Fixed encoding of a budget in ms: ``[sin(pi j x), cos(pi j x)]_{j=1..dim/2}`` and ``x``,
+    where ``x`` is the budget normalised to the training range (clamped to ``[0, 1]`` if ``clamp``)."""
+
+    def __init__(self, dim: int, min_ms: float, max_ms: float, clamp: bool = True) -> None:
+        super().__init__()
+        self.dim, self.min_ms, self.max_ms, self.clamp = int(dim), float(min_ms), float(max_ms), bool(clamp)
+        self.register_buffer("frequencies", self.compute_frequencies(), persistent=False)
+
+    def compute_frequencies(self) -> torch.Tensor:
+        return math.pi * torch.arange(1, self.dim // 2 + 1, dtype=torch.float32)
+
+    @property
+    def out_dim(self) -> int:
+        return self.dim + 1
+
+    def normalise(self, budgets_ms: torch.Tensor) -> torch.Tensor:
+        x = (budgets_ms - self.min_ms) * (1.0 / (self.max_ms - self.min_ms))
+        return x.clamp(0.0, 1.0) if self.clamp else x
+
+    def forward(self, budgets_ms: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` budgets in ms -> ``(B, dim + 1)`` codes."""
+        x = self.normalise(budgets_ms.float()).unsqueeze(-1)
+        angles = x * self.frequencies.float()  # float32 even in a bf16 controller
+        return torch.cat([torch.sin(angles), torch.cos(angles), x], dim=-1)
+
+
+def _mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """Linear layers, each followed by SiLU (the output feeds another layer). SiLU rather than exact
+    GELU: as smooth, and several times cheaper per call on CPU, which matters at these sizes."""
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.SiLU()]
+    return nn.Sequential(*layers)
+
+
+def _head(in_dim: int, n: int) -> nn.Linear:
+    head = nn.Linear(in_dim, n)
+    head._knob_head = True  # small initial weights: near-uniform policy
+    return head
+
+
+def _budget_mlp(config: ControllerConfig, width: int) -> nn.Sequential:
+    """The trainable part of the budget feature (each stage has its own)."""
+    return _mlp([config.budget_encoding_dim + 1, width, width])
+
+
+class Stage1Policy(nn.Module):
+    """Language + budget code -> logits for ``tier`` (if any) and ``insertion_position``."""
+
+    def __init__(self, config: ControllerConfig, space: KnobSpace) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.language_norm = nn.LayerNorm(config.language_dim)
+        self.language_proj = _mlp([config.language_dim, h])
+        self.budget_mlp = _budget_mlp(config, h)
+        self.trunk = _mlp([2 * h, h, h, h])
+        self.tier_head = _head(h, len(space.tiers)) if space.tiers else None
+        self.insertion_position_head = _head(h, len(space.insertion_positions))
+
+    def forward(self, language: torch.Tensor, budget_code: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = torch.cat([self.language_proj(self.language_norm(language)), self.budget_mlp(budget_code)], dim=-1)
+        x = self.trunk(x)
+        out = {"insertion_position": self.insertion_position_head(x)}
+        if self.tier_head is not None:
+            out["tier"] = self.tier_head(x)
+        return out
+
+
+class Stage2Policy(nn.Module):
+    """Context (latency token or language feature) + budget code + embedding of ``p`` -> logits
+    for ``top_k`` (if any) and ``num_active_blocks`` (invalid options for ``p`` set to ``-inf``)."""
+
+    def __init__(self, config: ControllerConfig, space: KnobSpace) -> None:
+        super().__init__()
+        h = config.stage2_hidden_size
+        context_dim = config.latency_token_dim if config.stage2_mode == "latency_token" else config.language_dim
+        self.context_norm = nn.LayerNorm(context_dim)
+        self.context_proj = _mlp([context_dim, h])
+        self.budget_mlp = _budget_mlp(config, h)
+        self.position_embedding = nn.Embedding(len(space.insertion_positions), config.position_embedding_dim)
+        self.trunk = _mlp([2 * h + config.position_embedding_dim, h, h, h])
+        self.top_k_head = _head(h, len(space.top_k_options)) if space.top_k_options else None
+        self.num_active_blocks_head = _head(h, len(space.all_block_options))
+        self._space = space
+        self.register_buffer("invalid_blocks", self.compute_invalid_blocks(), persistent=False)
+
+    def compute_invalid_blocks(self) -> torch.Tensor:
+        """``(num_p, num_block_options)`` bool: option ``j`` is NOT allowed for the ``i``-th ``p``."""
+        space = self._space
+        return torch.tensor(
+            [[b not in space.block_options(p) for b in space.all_block_options] for p in space.insertion_positions],
+            dtype=torch.bool,
+        )
+
+    def forward(self, context: torch.Tensor, budget_code: torch.Tensor, p_index: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = torch.cat(
+            [self.context_proj(self.context_norm(context)), self.budget_mlp(budget_code), self.position_embedding(p_index)], dim=-1
+        )
+        x = self.trunk(x)
+        out = {"num_active_blocks": self.num_active_blocks_head(x).masked_fill(self.invalid_blocks[p_index], float("-inf"))}
+        if self.top_k_head is not None:
+            out["top_k"] = self.top_k_head(x)
+        return out
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax where ``-inf`` logits (masked options) give exactly ``-inf`` (probability 0)."""
+    valid = torch.isfinite(logits)
+    safe = logits.masked_fill(~valid, torch.finfo(logits.dtype).min)
+    return torch.where(valid, torch.log_softmax(safe, dim=-1), torch.full_like(safe, float("-inf")))
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy of a distribution given as log-probs (masked ``-inf`` entries contribute 0, no NaN grads)."""
+    valid = torch.isfinite(logp)
+    safe = logp.masked_fill(~valid, 0.0)
+    return -(safe.exp() * safe).masked_fill(~valid, 0.0).sum(-1)
+
+
+# =========================================================================== the model
+class TwoStageController(PreTrainedModel):
+    """The two-stage knob controller (see the module docstring for the design).
+
+    Build one for an executor with :meth:`for_executor`, or from a :class:`ControllerConfig`.
+    ``forward`` returns the logits (:class:`ControllerOutput`); the methods a trainer and a server
+    use are :meth:`sample`, :meth:`log_probs`, :meth:`decide` and :meth:`decide_and_generate`.
+
+    Features are passed as ``language`` (``(B, language_dim)``, from :func:`language_features` /
+    :func:`prompt_features`) and ``budgets`` (milliseconds: a number for every row, or ``B`` values).
+    """
+
+    config_class = ControllerConfig
+    base_model_prefix = "controller"
+    main_input_name = "language"
+    _no_split_modules: list[str] = []
+    supports_gradient_checkpointing = False
+
+    def __init__(self, config: ControllerConfig) -> None:
+        super().__init__(config)
+        self.knob_space = config.get_knob_space()
+        # fixed (no parameters), shared by both stages; each stage has its own trainable budget MLP
+        self.budget_encoding = SinusoidalBudgetEncoding(
+            config.budget_encoding_dim, config.budget_min_ms, config.budget_max_ms, config.clamp_budget
+        )
+        self.stage1 = Stage1Policy(config, self.knob_space)
+        self.stage2 = Stage2Policy(config, self.knob_space)
+        # TRL reads (and writes pad/eos ids into) ``model.generation_config``; the controller does
+        # not generate tokens, this is only there so the trainer's setup finds one.
+        self.generation_config = GenerationConfig()
+        self.post_init()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def for_executor(
+        cls,
+        adaptive: Any,
+        *,
+        stage2_mode: str = "latency_token",
+        budget_range: tuple[float, float] = (170.0, 380.0),
+        **sizes: Any,
+    ) -> "TwoStageController":
+        """A new controller for an :class:`~knob_grpo.adaptive.AdaptiveModel`: its knob space,
+        embedding width, hidden size, blocks and experts are recorded in the config.
+
+        ``sizes`` go to :class:`ControllerConfig` (``hidden_size``, ``stage2_hidden_size``,
+        ``budget_encoding_dim``, ``position_embedding_dim``, ``clamp_budget``, ...).
+        """
+        config = ControllerConfig(
+            knob_space=adaptive.knob_space.to_dict(),
+            budget_range=tuple(budget_range),
+            language_dim=int(adaptive.input_embeddings.embedding_dim),
+            latency_token_dim=int(adaptive.hidden_size),
+            stage2_mode=stage2_mode,
+            executor_name_or_path=str(adaptive.name_or_path),
+            executor_hidden_size=int(adaptive.hidden_size),
+            executor_num_blocks=int(adaptive.num_blocks),
+            executor_num_experts=None if adaptive.num_experts is None else int(adaptive.num_experts),
+            **sizes,
+        )
+        return cls(config)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, SinusoidalBudgetEncoding):
+            init.copy_(module.frequencies, module.compute_frequencies())
+        elif isinstance(module, Stage2Policy):
+            init.copy_(module.invalid_blocks, module.compute_invalid_blocks())
+        elif isinstance(module, nn.Linear):
+            if getattr(module, "_knob_head", False):
+                init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            else:  # variance-preserving for the hidden layers
+                init.normal_(module.weight, mean=0.0, std=module.in_features ** -0.5)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=1.0)
+
+    # ------------------------------------------------------------------ static helpers
+    language_features = staticmethod(language_features)
+    prompt_features = staticmethod(prompt_features)
+
+    @property
+    def stage2_mode(self) -> str:
+        return self.config.stage2_mode
+
+    def num_parameters_per_stage(self) -> dict[str, int]:
+        """Trainable parameter counts: ``{"stage1": ..., "stage2": ..., "total": ...}``."""
+        s1 = sum(p.numel() for p in self.stage1.parameters())
+        s2 = sum(p.numel() for p in self.stage2.parameters())
+        return {"stage1": s1, "stage2": s2, "total": s1 + s2}
+
+    def check_executor(self, adaptive: Any) -> None:
+        """Refuse (``ValueError``) an executor other than the one this controller was built for.
+
+        Compares the knob space, block count, expert count, hidden size and embedding width;
+        fields the config does not record are not checked. The executor's name is not compared
+        (the same model may be loaded from a local path or a Hub id).
+        """
+        cfg = self.config
+        diffs = []
+        if cfg.executor_num_blocks is not None and cfg.executor_num_blocks != adaptive.num_blocks:
+            diffs.append(f"blocks: controller {cfg.executor_num_blocks}, executor {adaptive.num_blocks}")
+        if cfg.executor_num_experts is not None and cfg.executor_num_experts != adaptive.num_experts:
+            diffs.append(f"experts per block: controller {cfg.executor_num_experts}, executor {adaptive.num_experts}")
+        if cfg.executor_hidden_size is not None and cfg.executor_hidden_size != adaptive.hidden_size:
+            diffs.append(f"hidden size: controller {cfg.executor_hidden_size}, executor {adaptive.hidden_size}")
+        emb_dim = int(adaptive.input_embeddings.embedding_dim)
+        if cfg.language_dim != emb_dim:
+            diffs.append(f"embedding dim: controller {cfg.language_dim}, executor {emb_dim}")
+        if cfg.stage2_mode == "latency_token" and cfg.latency_token_dim != adaptive.hidden_size:
+            diffs.append(f"latency token dim: controller {cfg.latency_token_dim}, executor hidden size {adaptive.hidden_size}")
+        mine, theirs = self.knob_space.to_dict(), adaptive.knob_space.to_dict()
+        if mine != theirs:
+            fields = ", ".join(f"{k}: controller {mine.get(k)!r}, executor {theirs.get(k)!r}" for k in mine if mine.get(k) != theirs.get(k))
+            diffs.append(f"knob space ({fields})")
+        if diffs:
+            name = cfg.executor_name_or_path or "another executor"
+            raise ValueError(
+                f"this controller was trained for {name!s} and does not fit this executor "
+                f"({adaptive.name_or_path}): " + "; ".join(diffs)
+            )
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def _param(self) -> torch.Tensor:
+        return self.stage1.insertion_position_head.weight
+
+    def _language(self, language: torch.Tensor) -> torch.Tensor:
+        p = self._param
+        language = torch.as_tensor(language)
+        if language.dim() == 1:
+            language = language.unsqueeze(0)
+        if language.dim() != 2 or language.shape[-1] != self.config.language_dim:
+            raise ValueError(f"language features must be (B, {self.config.language_dim}), got {tuple(language.shape)}")
+        return language.to(device=p.device, dtype=p.dtype)
+
+    def budget_tensor(self, budgets: Any, n: int) -> torch.Tensor:
+        """Budgets (ms) as a float tensor of ``n`` rows; a ``ValueError`` names a budget that is
+        zero, negative, NaN or infinite."""
+        if isinstance(budgets, torch.Tensor):
+            values = budgets.detach().to(torch.float64).reshape(-1).cpu().tolist()
+        elif isinstance(budgets, (int, float)) or (hasattr(budgets, "item") and not hasattr(budgets, "__len__")):
+            values = [float(budgets)]
+        else:
+            values = [float(b) for b in budgets]
+        for v in values:
+            if not math.isfinite(v) or v <= 0:
+                raise ValueError(f"latency budget {v!r} ms is not allowed: a budget must be a finite number of milliseconds > 0")
+        if len(values) == 1:
+            values = values * n
+        if len(values) != n:
+            raise ValueError(f"got {len(values)} budgets for {n} requests; give one budget, or one per request")
+        return torch.tensor(values, dtype=torch.float32, device=self._param.device)
+
+    def _latency_tokens(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() == 1:
+            tokens = tokens.unsqueeze(0)
+        if tuple(tokens.shape) != (n, self.config.latency_token_dim):
+            raise ValueError(f"latency tokens must be ({n}, {self.config.latency_token_dim}), got {tuple(tokens.shape)}")
+        return tokens.to(device=self._param.device, dtype=self._param.dtype)
+
+    def _p_index(self, insertion_positions: Any) -> torch.Tensor:
+        options = self.knob_space.insertion_positions
+        values = insertion_positions.tolist() if isinstance(insertion_positions, torch.Tensor) else list(insertion_positions)
+        return torch.tensor([options.index(self.knob_space.check_value("insertion_position", int(p))) for p in values], device=self._param.device)
+
+    def _stage2_context(self, language: torch.Tensor, latency_tokens: Any, n: int) -> torch.Tensor:
+        if self.stage2_mode == "prompt":
+            return language
+        if latency_tokens is None:
+            raise ValueError("a latency_token controller needs the latency tokens for stage 2 (latency_tokens=... / latency_token_fn=...)")
+        return self._latency_tokens(latency_tokens, n)
+
+    def budget_code(self, budgets: Any, n: int) -> torch.Tensor:
+        """The fixed part of the budget feature: ``(n, budget_encoding_dim + 1)``."""
+        return self.budget_encoding(self.budget_tensor(budgets, n)).to(self._param.dtype)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        language: torch.Tensor,
+        budgets: Any,
+        insertion_positions: Any = None,
+        latency_tokens: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> ControllerOutput:
+        """Logits of both stages. Stage 2 needs ``insertion_positions`` (``p`` values, one per row)
+        and, in latency-token mode, ``latency_tokens`` ``(B, latency_token_dim)``."""
+        language = self._language(language)
+        n = language.shape[0]
+        code = self.budget_code(budgets, n)
+        s1 = self.stage1(language, code)
+        s2: dict[str, torch.Tensor] = {}
+        if insertion_positions is not None:
+            context = self._stage2_context(language, latency_tokens, n)
+            s2 = self.stage2(context, code, self._p_index(insertion_positions))
+        out = ControllerOutput(
+            tier_logits=s1.get("tier"),
+            insertion_position_logits=s1["insertion_position"],
+            top_k_logits=s2.get("top_k"),
+            num_active_blocks_logits=s2.get("num_active_blocks"),
+        )
+        return out if return_dict else out.to_tuple()
+
+    # ------------------------------------------------------------------ knobs <-> indices
+    def _stage1_values(self, idx: dict[str, torch.Tensor]) -> tuple[list, list]:
+        space = self.knob_space
+        n = idx["insertion_position"].shape[0]
+        tiers = [space.tiers[i] for i in idx["tier"].tolist()] if "tier" in idx else [None] * n
+        ps = [space.insertion_positions[i] for i in idx["insertion_position"].tolist()]
+        return tiers, ps
+
+    def _to_knobs(self, idx: dict[str, torch.Tensor], tiers: list, ps: list) -> list[Knobs]:
+        space = self.knob_space
+        n = len(ps)
+        ks = [space.top_k_options[i] for i in idx["top_k"].tolist()] if "top_k" in idx else [None] * n
+        bs = [space.all_block_options[i] for i in idx["num_active_blocks"].tolist()]
+        return [Knobs(tier=t, insertion_position=p, top_k=k, num_active_blocks=b) for t, p, k, b in zip(tiers, ps, ks, bs)]
+
+    def knob_indices(self, knobs: Sequence[Knobs | dict]) -> dict[str, torch.Tensor]:
+        """Option indices of each present knob, ``(N,)`` each; tuples are validated first
+        (``ValueError`` for an invalid one; a ``None`` knob means the full setting)."""
+        space = self.knob_space
+        rows = [space.validate(k) for k in knobs]
+        device = self._param.device
+        out = {
+            "insertion_position": torch.tensor([space.insertion_positions.index(k.insertion_position) for k in rows], device=device),
+            "num_active_blocks": torch.tensor([space.all_block_options.index(k.num_active_blocks) for k in rows], device=device),
+        }
+        if space.tiers:
+            out["tier"] = torch.tensor([space.tiers.index(k.tier) for k in rows], device=device)
+        if space.top_k_options:
+            out["top_k"] = torch.tensor([space.top_k_options.index(k.top_k) for k in rows], device=device)
+        return out
+
+    # ------------------------------------------------------------------ policy API
+    def _choose(
+        self, logits: dict[str, torch.Tensor], names: tuple[str, ...], greedy: bool, generator: torch.Generator | None,
+        idx: dict[str, torch.Tensor], logps: dict[str, torch.Tensor],
+    ) -> None:
+        for name in names:
+            if name not in logits:
+                continue
+            if greedy:  # argmax of the logits: a masked (-inf) option is never the maximum
+                idx[name] = logits[name].argmax(-1)
+                continue
+            logp = _log_softmax(logits[name])
+            # multinomial never draws a zero-probability (masked) option
+            idx[name] = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            logps[name] = logp.gather(-1, idx[name].unsqueeze(-1)).squeeze(-1)
+
+    def _run(
+        self,
+        language: torch.Tensor,
+        budgets: Any,
+        *,
+        greedy: bool,
+        num_generations: int = 1,
+        latency_token_fn: LatencyTokenFn | None = None,
+        generator: torch.Generator | None = None,
+    ) -> KnobSample:
+        if num_generations < 1:
+            raise ValueError(f"num_generations={num_generations} must be >= 1")
+        if self.stage2_mode == "latency_token" and latency_token_fn is None:
+            raise ValueError("a latency_token controller needs latency_token_fn(tiers, insertion_positions) -> (N, d) for stage 2")
+        language = self._language(language)
+        code = self.budget_code(budgets, language.shape[0])
+        if num_generations > 1:
+            language = language.repeat_interleave(num_generations, dim=0)
+            code = code.repeat_interleave(num_generations, dim=0)
+        n = language.shape[0]
+        idx: dict[str, torch.Tensor] = {}
+        logps: dict[str, torch.Tensor] = {}
+        self._choose(self.stage1(language, code), ("tier", "insertion_position"), greedy, generator, idx, logps)
+        tiers, ps = self._stage1_values(idx)
+        tokens = None
+        if self.stage2_mode == "latency_token":
+            tokens = self._latency_tokens(latency_token_fn(tiers, ps), n)
+        context = language if tokens is None else tokens
+        self._choose(self.stage2(context, code, idx["insertion_position"]), ("top_k", "num_active_blocks"), greedy, generator, idx, logps)
+        knobs = self._to_knobs(idx, tiers, ps)
+        if greedy:
+            return KnobSample(knobs=knobs, log_probs={}, log_prob=language.new_zeros(0), indices=idx, latency_tokens=tokens)
+        zeros = language.new_zeros(n)
+        per = {name: logps.get(name, zeros) for name in KNOB_NAMES}
+        indices = {name: idx.get(name, torch.full((n,), -1, device=language.device, dtype=torch.long)) for name in KNOB_NAMES}
+        return KnobSample(
+            knobs=knobs,
+            log_probs=per,
+            log_prob=sum(per.values()),
+            indices=indices,
+            latency_tokens=tokens,
+            num_generations=num_generations,
+        )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        language: torch.Tensor,
+        budgets: Any,
+        *,
+        num_generations: int = 1,
+        latency_token_fn: LatencyTokenFn | None = None,
+        generator: torch.Generator | None = None,
+    ) -> KnobSample:
+        """Sample ``G = num_generations`` tuples for each of ``B`` requests (``B*G`` rows, request-major).
+
+        ``language``: ``(B, language_dim)``; ``budgets``: ms, one value or ``B``. In latency-token
+        mode sampling is two-step: stage 1 samples ``(tier, p)`` for every row, then
+        ``latency_token_fn(tiers, insertion_positions)`` (two lists of ``B*G``) must return the
+        ``(B*G, latency_token_dim)`` latency tokens, then stage 2 samples. No gradient: use
+        :meth:`log_probs` for the loss. Sampled tuples always pass ``knob_space.validate``.
+        """
+        return self._run(language, budgets, greedy=False, num_generations=num_generations, latency_token_fn=latency_token_fn, generator=generator)
+
+    @torch.inference_mode()
+    def decide(self, language: torch.Tensor, budgets: Any, *, latency_token_fn: LatencyTokenFn | None = None) -> list[Knobs]:
+        """The greedy tuple (argmax at each stage) for each of ``B`` requests.
+
+        In latency-token mode ``latency_token_fn(tiers, insertion_positions)`` gives the ``(B, d)``
+        latency tokens for the stage-1 choices, as in :meth:`sample`.
+        """
+        return self._run(language, budgets, greedy=True, latency_token_fn=latency_token_fn).knobs
+
+    def log_probs(
+        self,
+        knobs: Sequence[Knobs | dict],
+        language: torch.Tensor,
+        budgets: Any,
+        *,
+        latency_tokens: torch.Tensor | None = None,
+        num_generations: int = 1,
+    ) -> KnobLogProbs:
+        """Per-decision log-probabilities and entropies of given tuples, with gradients.
+
+        ``knobs``: ``N = B * num_generations`` tuples, request-major; ``language`` and ``budgets``
+        are per request (``B`` rows; they are repeated ``num_generations`` times).
+        ``latency_tokens``: ``(N, latency_token_dim)``, required in latency-token mode (e.g.
+        ``KnobSample.latency_tokens``). An invalid tuple raises ``ValueError``.
+        """
+        language = self._language(language)
+        code = self.budget_code(budgets, language.shape[0])
+        if num_generations > 1:
+            language = language.repeat_interleave(num_generations, dim=0)
+            code = code.repeat_interleave(num_generations, dim=0)
+        n = language.shape[0]
+        if len(knobs) != n:
+            raise ValueError(f"got {len(knobs)} knob tuples for {n} rows ({n // num_generations} requests x {num_generations})")
+        idx = self.knob_indices(knobs)
+        context = self._stage2_context(language, latency_tokens, n)
+        logits = dict(self.stage1(language, code))
+        logits.update(self.stage2(context, code, idx["insertion_position"]))
+        zeros = language.new_zeros(n)
+        per, ent = {}, {}
+        for name in KNOB_NAMES:
+            if name in logits:
+                logp = _log_softmax(logits[name])
+                per[name] = logp.gather(-1, idx[name].unsqueeze(-1)).squeeze(-1)
+                ent[name] = _entropy(logp)
+            else:
+                per[name], ent[name] = zeros, zeros
+        return KnobLogProbs(per_decision=per, total=sum(per.values()), entropy=ent, entropy_total=sum(ent.values()))
+
+    # ------------------------------------------------------------------ one-call inference
+    @torch.no_grad()
+    def decide_and_generate(self, adaptive: Any, text: str | Sequence[str], images: Any, latency_budget: Any, **generate_kwargs: Any) -> tuple[Any, list[Knobs]]:
+        """Choose the knobs for each prompt greedily and generate with them.
+
+        Stage 1 reads the prompt text (tokenised without chat template, :func:`prompt_features`)
+        and the budget. Latency-token mode then runs ``adaptive.prefill(text, images, tier, p)``
+        (blocks ``0..p-1`` only), feeds ``state.latency_token()`` to stage 2 and continues that
+        same prefill with ``adaptive.generate(prefix=state, top_k=..., num_active_blocks=...)``,
+        so blocks ``0..p-1`` (and the vision tower) process the prompt once. Prompt mode picks
+        all four knobs first and calls ``adaptive.generate(text, images, tier=..., ...)``.
+
+        ``text``: one prompt or a list; ``images``: ``None``, one image (or a one-element list)
+        for a single prompt, or one image per prompt; ``latency_budget``: ms, one value or one per
+        prompt. Returns ``(output, knobs)``: for a single prompt (a ``str``) the output of
+        ``adaptive.generate``; for a list, a list with one output per prompt in the original
+        order (each prompt runs in its own generate call, since rows with different knobs cannot
+        share one, so each output equals the single-prompt call). A row without an image runs
+        with ``tier=None``. Refuses an executor the controller was not built for.
+        """
+        self.check_executor(adaptive)
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        if images is None:
+            row_images = [None] * len(texts)
+        elif single:
+            row_images = [images if isinstance(images, (list, tuple)) else [images]]
+        else:
+            if not isinstance(images, (list, tuple)) or len(images) != len(texts):
+                raise ValueError(f"got {len(texts)} prompts: give one image per prompt (or images=None)")
+            row_images = [None if im is None else (im if isinstance(im, (list, tuple)) else [im]) for im in images]
+        n = len(texts)
+        code = self.budget_code(latency_budget, n)
+        language = self._language(prompt_features(adaptive, texts))
+        idx1: dict[str, torch.Tensor] = {}
+        self._choose(self.stage1(language, code), ("tier", "insertion_position"), True, None, idx1, {})
+        tiers, ps = self._stage1_values(idx1)
+
+        outputs, chosen = [], []
+        for i in range(n):
+            row = slice(i, i + 1)
+            tier = tiers[i] if row_images[i] is not None else None
+            state = None
+            if self.stage2_mode == "latency_token":
+                state = adaptive.prefill(texts[i], row_images[i], tier=tier, insertion_position=ps[i], **generate_kwargs)
+                context = self._latency_tokens(state.latency_token(), 1)
+            else:
+                context = language[row]
+            idx2: dict[str, torch.Tensor] = {}
+            self._choose(self.stage2(context, code[row], idx1["insertion_position"][row]), ("top_k", "num_active_blocks"), True, None, idx2, {})
+            knobs = self._to_knobs(idx2, [tier], [ps[i]])[0]
+            if state is not None:
+                out = adaptive.generate(prefix=state, top_k=knobs.top_k, num_active_blocks=knobs.num_active_blocks, **generate_kwargs)
+            else:
+                out = adaptive.generate(texts[i], row_images[i], **knobs.as_dict(), **generate_kwargs)
+            outputs.append(out)
+            chosen.append(knobs)
+        return (outputs[0] if single else outputs), chosen
+
+
+AutoConfig.register(ControllerConfig.model_type, ControllerConfig, exist_ok=True)
+AutoModel.register(ControllerConfig, TwoStageController, exist_ok=True)

@@ -1,0 +1,371 @@
+"""``KnobGRPOTrainer``: GRPO whose "completions" are knob tuples sampled from the two-stage controller.
+
+One generation batch, top to bottom (:meth:`KnobGRPOTrainer._generate_and_score_completions`):
+
+    prompt -> language feature + budget -> stage 1 (tier, p) -> [partial forward to p -> latency token]
+           -> stage 2 (top_k, num_active_blocks) -> execute on the frozen executor -> latency
+           -> TRL reward functions -> group-relative advantages
+
+and the loss (:meth:`KnobGRPOTrainer._compute_loss`) is a PPO-style clipped policy gradient over
+the per-decision log-probabilities. Everything else (the repeat sampler that puts each prompt's
+G rows together, buffering for ``num_iterations > 1``, logging, checkpoints, ``push_to_hub``)
+is TRL's and transformers' own.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import os
+import zlib
+from typing import Any, Callable, Sequence
+
+import torch
+from accelerate.utils import gather_object
+from trl import GRPOTrainer
+from trl.trainer.utils import nanstd
+
+from .adaptive import AdaptiveModel, PrefixState
+from .config import KnobGRPOConfig
+from .controller import TwoStageController, prompt_features
+from .knobs import KNOB_NAMES, Knobs
+from .latency import LatencyMeter, LatencyProfile
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised; the message names it."""
+
+
+def _named_reward(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a reward function so that an exception inside it names the function."""
+    name = getattr(func, "__name__", type(func).__name__)
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except Exception as error:
+            raise RewardFunctionError(f"reward function '{name}' raised {type(error).__name__}: {error}") from error
+
+    functools.update_wrapper(wrapped, func, assigned=("__doc__", "__module__", "__qualname__"), updated=())
+    wrapped.__name__ = name
+    return wrapped
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    # masked options hold -inf; log_softmax keeps them at -inf and the others finite
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+class KnobGRPOTrainer(GRPOTrainer):
+    """Train a :class:`~knob_grpo.TwoStageController` with GRPO against a frozen executor.
+
+    Args:
+        model: the controller (the policy; the only thing the optimiser, DDP, checkpoints and the
+            Hub see).
+        executor: the frozen :class:`~knob_grpo.AdaptiveModel` that runs each sampled tuple.
+        reward_funcs: TRL-signature reward functions (``knob_grpo.rewards``); besides the dataset
+            columns they receive ``knobs`` (a dict per row), ``latency_ms`` and ``budget_ms``.
+        args: a :class:`KnobGRPOConfig`.
+        train_dataset / eval_dataset: rows with ``args.prompt_column`` (and ``args.image_column``,
+            an optional ``args.budget_column`` and whatever the reward functions read).
+        latency_profile: a fitted :class:`~knob_grpo.latency.LatencyProfile`; overrides
+            ``args.latency_source``.
+    """
+
+    _tag_names = ["trl", "grpo", "knob-grpo"]
+    _name = "KnobGRPO"
+
+    def __init__(
+        self,
+        model: TwoStageController,
+        executor: AdaptiveModel,
+        reward_funcs: Callable[..., Any] | Sequence[Callable[..., Any]],
+        args: KnobGRPOConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        latency_profile: LatencyProfile | None = None,
+    ) -> None:
+        if not isinstance(model, TwoStageController):
+            raise TypeError(f"model must be a TwoStageController (the policy), got {type(model).__name__}")
+        if not isinstance(executor, AdaptiveModel):
+            raise TypeError(f"executor must be an AdaptiveModel, got {type(executor).__name__}")
+        args = args if args is not None else KnobGRPOConfig(output_dir="knob-grpo-controller")
+        if not isinstance(args, KnobGRPOConfig):
+            raise TypeError("args must be a KnobGRPOConfig")
+        model.check_executor(executor)
+        funcs = [reward_funcs] if callable(reward_funcs) else list(reward_funcs)
+        if not funcs:
+            raise ValueError("KnobGRPOTrainer needs at least one reward function")
+        beta = args.beta
+        if beta < 0:
+            raise ValueError(f"beta={beta} must be >= 0")
+        # TRL would rebuild a reference policy from the config's name; ours is a frozen copy (below).
+        args.beta = 0.0
+        try:
+            super().__init__(
+                model=model,
+                reward_funcs=[_named_reward(f) for f in funcs],
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=executor.tokenizer,
+                callbacks=callbacks,
+                optimizers=optimizers,
+            )
+        finally:
+            args.beta = beta
+        self.beta = beta
+        self.ref_model = copy.deepcopy(model).eval().requires_grad_(False) if beta > 0 else None
+        self.executor = executor  # not a submodule: DDP, the optimiser and checkpoints see the controller only
+        self.knob_space = executor.knob_space
+
+        if latency_profile is None and args.latency_source != "measured":
+            latency_profile = LatencyProfile.load(args.latency_source, executor=executor.name_or_path)
+        self.latency_profile = latency_profile
+        self.fused_rollouts = model.stage2_mode == "latency_token" and (
+            args.rollout_mode == "fused" or (args.rollout_mode == "auto" and latency_profile is not None)
+        )
+        if args.rollout_mode == "fused" and latency_profile is None:
+            raise ValueError("rollout_mode='fused' needs a latency profile (latency_profile=... or latency_source=PATH)")
+        self.executor_generation_kwargs = {"do_sample": False, **(args.executor_generation_kwargs or {})}
+        names = [n for n in self.reward_func_names if "budget" not in n]
+        self.accuracy_reward_name = names[0] if names else None
+
+    # ------------------------------------------------------------------ budgets
+    def _budget_for(self, row: dict[str, Any]) -> float:
+        """The row's budget: its column, or a draw that every member of its group gets alike."""
+        column = self.args.budget_column
+        if column in row and row[column] is not None:
+            budget = float(row[column])
+            if not math.isfinite(budget) or budget <= 0:
+                raise ValueError(f"budget {row[column]!r} in column '{column}' must be a finite number of ms > 0")
+            return budget
+        # A function of the prompt and the step only: rows of one group agree across processes.
+        key = repr(row.get(self.args.prompt_column)) + repr(row.get("answer"))
+        seed = zlib.crc32(key.encode()) ^ (self.state.global_step * 2654435761 + self.args.seed) & 0xFFFFFFFF
+        u = torch.rand(1, generator=torch.Generator().manual_seed(seed)).item()
+        lo, hi = self.args.budget_min_ms, self.args.budget_max_ms
+        if self.args.budget_sampling == "log_uniform":
+            return math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+        return lo + u * (hi - lo)
+
+    # ------------------------------------------------------------------ executing one tuple
+    def _execute(self, prompt: str, image: Any, knobs: Knobs, prefix: PrefixState | None) -> tuple[list[int], float]:
+        """Run one configuration; returns the completion's token ids and its latency in ms."""
+        executor, args = self.executor, self.args
+        gen_kwargs = dict(self.executor_generation_kwargs, max_new_tokens=args.max_completion_length)
+        knob_kwargs = {k: v for k, v in knobs.as_dict().items() if k != "tier" and v is not None}
+        if prefix is not None and self.fused_rollouts:
+            inputs = prefix.inputs
+            output = executor.generate(prefix=prefix, **knob_kwargs, **gen_kwargs)
+        else:
+            images = [image] if image is not None else None
+            inputs = executor.prepare_inputs(prompt, images, tier=knobs.tier if images is not None else None)
+            if self.latency_profile is None:  # measured: this configuration alone, wall clock
+                meter = LatencyMeter(warmup=0, repeats=1, budget_target=args.latency_target)
+                measurement = meter.measure(lambda streamer: executor.generate(**inputs, **knob_kwargs, streamer=streamer, **gen_kwargs))
+                output = meter.last_output
+            else:
+                output = executor.generate(**inputs, **knob_kwargs, **gen_kwargs)
+        prompt_length = inputs["input_ids"].shape[1]
+        completion = output[0, prompt_length:].tolist()
+        if self.latency_profile is None and not (prefix is not None and self.fused_rollouts):
+            latency = measurement.for_target(args.latency_target)
+        else:
+            vision = executor.num_vision_tokens(inputs)
+            features = dict(
+                vision_tokens=vision,
+                text_tokens=prompt_length - vision,
+                num_active_blocks=knobs.num_active_blocks,
+                top_k=knobs.top_k,
+                insertion_position=knobs.insertion_position,
+                default_top_k=executor.default_top_k,
+                output_tokens=max(1, len(completion)),
+            )
+            latency = self.latency_profile.predict_for_target(features, args.latency_target)
+        return completion, float(latency)
+
+    # ------------------------------------------------------------------ one generation batch
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        args, space, executor = self.args, self.knob_space, self.executor
+        mode = "train" if self.model.training else "eval"
+        device = self.accelerator.device
+        controller: TwoStageController = self.accelerator.unwrap_model(self.model)
+
+        # prompt -> features
+        prompts = [str(row[args.prompt_column]) for row in inputs]
+        images = [row.get(args.image_column) for row in inputs] if args.image_column else [None] * len(inputs)
+        budgets = [self._budget_for(row) for row in inputs]
+        language = prompt_features(executor, prompts).to(device)
+
+        # features -> knobs (stage 1, the partial forward when stage 2 reads the latency token, stage 2)
+        prefixes: dict[int, PrefixState] = {}
+
+        def latency_token_fn(tiers: list, positions: list) -> torch.Tensor:
+            tokens = []
+            for i, (tier, p) in enumerate(zip(tiers, positions)):
+                image = [images[i]] if images[i] is not None else None
+                prefixes[i] = executor.prefill(prompts[i], image, tier=tier if image is not None else None, insertion_position=p)
+                tokens.append(prefixes[i].latency_token()[0])
+            return torch.stack(tokens).to(device)
+
+        use_tokens = controller.stage2_mode == "latency_token"
+        sample = controller.sample(language, budgets, latency_token_fn=latency_token_fn if use_tokens else None)
+
+        # knobs -> execution -> latency
+        completion_ids, latencies = [], []
+        for i, knobs in enumerate(sample.knobs):
+            ids, latency = self._execute(prompts[i], images[i], knobs, prefixes.get(i))
+            completion_ids.append(ids)
+            latencies.append(latency)
+        completions = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        completions = [c.strip() for c in completions]
+
+        # execution -> reward (TRL's machinery; reward functions see the knobs and the latency)
+        for row, knobs, latency, budget in zip(inputs, sample.knobs, latencies, budgets):
+            row.update(knobs=knobs.as_dict(), latency_ms=latency, budget_ms=budget)
+        rewards_per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids)  # gathered
+
+        # reward -> group-relative advantage
+        advantages, rewards = self._advantages(rewards_per_func, mode)
+        process_slice = slice(self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts))
+
+        self._log_generation(mode, prompts, completions, rewards_per_func, rewards, advantages, sample.knobs, latencies, budgets)
+
+        knob_index = torch.stack([sample.indices[name] for name in KNOB_NAMES], dim=1).to(device)
+        old_log_probs = torch.stack([sample.log_probs[name] for name in KNOB_NAMES], dim=1).to(device)
+        output = {
+            "language": language,
+            "budgets": torch.tensor(budgets, dtype=torch.float32, device=device),
+            "knob_index": knob_index,
+            "old_log_probs": old_log_probs.detach(),
+            "advantages": advantages[process_slice],
+        }
+        if use_tokens:
+            output["latency_tokens"] = sample.latency_tokens.to(device)
+        return output
+
+    def _advantages(self, rewards_per_func: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted sum of the reward functions, centred on the group mean and scaled per ``scale_rewards``."""
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
+        rewards[unscorable] = torch.nan  # a row every function declined: out of the baseline, advantage 0
+        grouped = rewards.view(-1, num_generations)
+        mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
+        advantages = rewards - mean
+        if self.scale_rewards == "group":
+            std = nanstd(grouped, dim=1).repeat_interleave(num_generations) if num_generations > 1 else torch.zeros_like(rewards)
+            advantages = advantages / (std + 1e-4)
+        elif self.scale_rewards == "batch":
+            advantages = advantages / (nanstd(rewards) + 1e-4)
+        elif self.scale_rewards != "none":
+            raise ValueError(f"scale_rewards={self.scale_rewards!r}; allowed: 'group', 'batch', 'none'")
+        return torch.nan_to_num(advantages, nan=0.0), rewards
+
+    def _log_generation(self, mode: str, prompts: list[str], completions: list[str], rewards_per_func: torch.Tensor,
+                        rewards: torch.Tensor, advantages: torch.Tensor, knobs: list[Knobs], latencies: list[float], budgets: list[float]) -> None:
+        metrics = self._metrics[mode]
+        for i, name in enumerate(self.reward_func_names):
+            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, i]).item())
+            metrics[f"rewards/{name}/std"].append(nanstd(rewards_per_func[:, i]).item())
+        if self.accuracy_reward_name is not None:
+            metrics["accuracy"].append(torch.nanmean(rewards_per_func[:, self.reward_func_names.index(self.accuracy_reward_name)]).item())
+        metrics["reward"].append(torch.nanmean(rewards).item())
+        metrics["reward_std"].append(nanstd(rewards).item())
+        device = self.accelerator.device
+        lat = self.accelerator.gather(torch.tensor(latencies, device=device))
+        bud = self.accelerator.gather(torch.tensor(budgets, device=device))
+        metrics["latency_ms/mean"].append(lat.mean().item())
+        metrics["budget_ms/mean"].append(bud.mean().item())
+        metrics["violation_rate"].append((lat > bud).float().mean().item())
+        all_knobs = gather_object([k.as_dict() for k in knobs])
+        for name in self.knob_space.knob_names:
+            values = [k[name] for k in all_knobs]
+            for option in self.knob_space.options(name):
+                metrics[f"knobs/{name}={option}"].append(sum(v == option for v in values) / len(values))
+            metrics[f"knobs/{name}/mean"].append(sum(self.knob_space.options(name).index(v) for v in values) / len(values))
+
+        self._logs["prompt"].extend(gather_object(prompts))
+        self._logs["completion"].extend(gather_object(completions))
+        for i, name in enumerate(self.reward_func_names):
+            self._logs["rewards"][name].extend(rewards_per_func[:, i].tolist())
+        self._logs["advantages"].extend(advantages.tolist())
+        self._logs["extra"]["knobs"].extend(str(Knobs(**k)) for k in all_knobs)
+        self._logs["extra"]["latency_ms"].extend(lat.tolist())
+        self._logs["extra"]["budget_ms"].extend(bud.tolist())
+
+    # ------------------------------------------------------------------ loss
+    def _decision_log_probs(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-decision log-probs ``(N, 4)``, entropies ``(N, 4)`` and the mask of decisions the space has."""
+        index = inputs["knob_index"]
+        positions = torch.tensor(self.knob_space.insertion_positions, device=index.device)[index[:, 1]]
+        out = model(inputs["language"], inputs["budgets"], insertion_positions=positions, latency_tokens=inputs.get("latency_tokens"))
+        logits = [out.tier_logits, out.insertion_position_logits, out.top_k_logits, out.num_active_blocks_logits]
+        n = index.shape[0]
+        logps, entropies, present = [], [], []
+        for j, decision_logits in enumerate(logits):
+            if decision_logits is None:
+                logps.append(torch.zeros(n, device=index.device))
+                entropies.append(torch.zeros(n, device=index.device))
+                present.append(False)
+                continue
+            logp = _log_softmax(decision_logits)
+            logps.append(logp.gather(-1, index[:, j : j + 1]).squeeze(-1))
+            p = logp.exp()
+            entropies.append(-(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1))
+            present.append(True)
+        mask = torch.tensor(present, device=index.device)
+        return torch.stack(logps, 1), torch.stack(entropies, 1), mask
+
+    def _compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        mode = "train" if self.model.training else "eval"
+        logp, entropy, present = self._decision_log_probs(model, inputs)
+        old = inputs["old_log_probs"]
+        advantages = inputs["advantages"].unsqueeze(1)
+        # PPO-style clipping per decision: each knob is one "token" of the completion
+        ratio = torch.exp(logp - old)
+        clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
+        per_decision = -torch.min(ratio * advantages, clipped * advantages)
+        if self.beta > 0:
+            with torch.no_grad():
+                ref_logp, _, _ = self._decision_log_probs(self.ref_model, inputs)
+            delta = ref_logp - logp
+            kl = torch.exp(delta) - delta - 1  # k3 estimator, as TRL uses per token
+            per_decision = per_decision + self.beta * kl
+            self._metrics[mode]["kl"].append(self.accelerator.gather((kl[:, present]).mean()).mean().item())
+        mask = present.float().unsqueeze(0).expand_as(per_decision)
+        loss = (per_decision * mask).sum() / mask.sum()
+        mean_entropy = (entropy * mask).sum() / mask.sum()
+        if self.entropy_coef:
+            loss = loss - self.entropy_coef * mean_entropy
+        normaliser = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        with torch.no_grad():
+            is_clipped = ((ratio < 1 - self.epsilon_low) | (ratio > 1 + self.epsilon_high)).float()
+            self._metrics[mode]["clip_ratio"].append(self.accelerator.gather((is_clipped * mask).sum() / mask.sum()).mean().item())
+            self._metrics[mode]["entropy"].append(self.accelerator.gather(mean_entropy.detach()).mean().item())
+            for j, name in enumerate(KNOB_NAMES):
+                if present[j]:
+                    self._metrics[mode][f"entropy/{name}"].append(self.accelerator.gather(entropy[:, j].mean()).mean().item())
+        return loss / normaliser
+
+    # ------------------------------------------------------------------ model card
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags: Any = None, **kwargs: Any) -> None:
+        """Write a model card for the controller (not TRL's text-generation template)."""
+        if not self.is_world_process_zero():
+            return
+        from .hub import controller_model_card
+
+        card = controller_model_card(
+            self.accelerator.unwrap_model(self.model),
+            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
+            dataset_name=dataset_name,
+            evaluation=getattr(self, "evaluation_markdown", None),
+            training_args=self.args,
+        )
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, "README.md"), "w") as f:
+            f.write(card)

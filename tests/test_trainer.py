@@ -1,0 +1,129 @@
+"""KnobGRPOTrainer on a tiny real OLMoE executor with a real TRL training loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from tiny import tiny_text_model
+
+from knob_grpo import AdaptiveModel, KnobGRPOConfig, KnobGRPOTrainer, Knobs, TwoStageController
+from knob_grpo.controller import prompt_features
+from knob_grpo.latency import DECODE_FEATURES, TTFT_FEATURES, LatencyProfile
+from knob_grpo.trainer import RewardFunctionError
+
+LOW, HIGH = 72.0, 140.0
+PROMPTS = ["what is the colour ?", "how many dots ?"]
+
+
+def known_profile(executor: AdaptiveModel) -> LatencyProfile:
+    """A latency model with known costs: ttft = prompt_tokens * routed_experts ms.
+
+    For the 5-token prompt only top_k=2 with p=1 fits 72 ms (60 or 70 ms); at 140 ms all fit.
+    """
+    coef = dict(zip(TTFT_FEATURES, [0.0, 0.0, 0.0, 1.0, 0.0]))
+    return LatencyProfile(device="test", executor=executor.name_or_path, ttft_coef=coef, decode_coef=dict.fromkeys(DECODE_FEATURES, 0.0))
+
+
+def gated_quality_reward(completions, knobs, latency_ms, budget_ms, **kwargs):
+    """More compute is better, but only inside the budget: the best tuple per budget is certain."""
+    return [((k["num_active_blocks"] - 5) + (k["top_k"] - 2)) / 2 if lat <= b else -1.0
+            for k, lat, b in zip(knobs, latency_ms, budget_ms)]
+
+
+def make_trainer(tmp_path, stage2_mode="prompt", reward_funcs=None, **overrides):
+    model, tok = tiny_text_model("olmoe")
+    executor = AdaptiveModel(model, tok)
+    torch.manual_seed(0)
+    controller = TwoStageController.for_executor(executor, stage2_mode=stage2_mode, budget_range=(50.0, 150.0))
+    dataset = Dataset.from_dict({"prompt": [PROMPTS[0]] * 16, "budget": [LOW, HIGH] * 8})
+    settings = dict(output_dir=str(tmp_path / "out"), num_generations=8, per_device_train_batch_size=16, max_steps=20,
+                    learning_rate=1e-2, lr_scheduler_type="constant", max_completion_length=2, budget_min_ms=50.0,
+                    budget_max_ms=150.0, seed=0, logging_steps=1,
+                    # in dataset order every step holds one low-budget and one high-budget group, so each
+                    # gradient carries the contrast between budgets
+                    shuffle_dataset=False)
+    settings.update(overrides)
+    args = KnobGRPOConfig(**settings)
+    trainer = KnobGRPOTrainer(controller, executor, reward_funcs or [gated_quality_reward], args=args,
+                              train_dataset=dataset, latency_profile=known_profile(executor))
+    return trainer, controller, executor
+
+
+def greedy(controller, executor, budgets):
+    language = prompt_features(executor, [PROMPTS[0]] * len(budgets))
+    fn = None
+    if controller.stage2_mode == "latency_token":
+        fn = lambda tiers, ps: torch.cat([executor.prefill(PROMPTS[0], insertion_position=p).latency_token() for p in ps])  # noqa: E731
+    return controller.decide(language, budgets, latency_token_fn=fn)
+
+
+@pytest.mark.parametrize("stage2_mode", ["prompt", "latency_token"])
+def test_learns_the_known_best_knobs_per_budget(tmp_path, stage2_mode):
+    trainer, controller, executor = make_trainer(tmp_path, stage2_mode, max_steps=24)
+    assert trainer.fused_rollouts == (stage2_mode == "latency_token")
+    trainer.train()
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3
+    low, high = greedy(controller, executor, [LOW, HIGH])
+    assert (low.insertion_position, low.top_k) == (1, 2)  # the only tuples that fit 72 ms
+    assert (high.top_k, high.num_active_blocks) == (4, 6)  # the most compute, when everything fits
+    logged = trainer.state.log_history[-2]
+    for key in ("latency_ms/mean", "violation_rate", "entropy", "knobs/top_k=2", "accuracy", "rewards/gated_quality_reward/mean"):
+        assert key in logged
+
+
+def test_group_advantages_and_rows_a_reward_declines(tmp_path):
+    def declines_second_prompt(completions, prompts, knobs, **kwargs):
+        return [None if p == PROMPTS[1] else float(k["top_k"]) for p, k in zip(prompts, knobs)]
+
+    trainer, _, _ = make_trainer(tmp_path, reward_funcs=[declines_second_prompt], scale_rewards="none")
+    trainer.model.train()
+    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    out = trainer._generate_and_score_completions(rows)
+    top_k = torch.tensor([r["knobs"]["top_k"] for r in rows[:8]], dtype=torch.float32)
+    assert torch.allclose(out["advantages"][:8], top_k - top_k.mean())  # centred on its own group
+    assert torch.equal(out["advantages"][8:], torch.zeros(8))  # declined rows are left out
+    assert all(r["latency_ms"] > 0 and r["budget_ms"] in (LOW, HIGH) for r in rows)
+
+
+def test_a_reward_function_that_raises_is_named(tmp_path):
+    def broken_reward(completions, **kwargs):
+        raise KeyError("answer")
+
+    trainer, _, _ = make_trainer(tmp_path, reward_funcs=[broken_reward], max_steps=1)
+    with pytest.raises(RewardFunctionError, match="reward function 'broken_reward' raised KeyError"):
+        trainer.train()
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, logging_steps=3)
+    trainer, controller, _ = make_trainer(tmp_path / "a", **common)
+    trainer.train()
+    uninterrupted = {k: v.clone() for k, v in controller.state_dict().items()}
+
+    resumed, controller_b, _ = make_trainer(tmp_path / "a", **common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-3"))
+    for key, value in controller_b.state_dict().items():
+        assert torch.allclose(value, uninterrupted[key], atol=1e-6), key
+    fresh, _, _ = make_trainer(tmp_path / "c")
+    assert any(not torch.equal(v, uninterrupted[k]) for k, v in fresh.model.state_dict().items())
+
+
+def test_kl_to_a_frozen_copy_and_several_iterations(tmp_path):
+    trainer, controller, _ = make_trainer(tmp_path, beta=0.5, num_iterations=2, max_steps=6)
+    initial = {k: v.clone() for k, v in controller.state_dict().items()}
+    trainer.train()
+    ref = trainer.ref_model.state_dict()
+    assert all(torch.equal(ref[k], initial[k]) for k in initial)  # the reference stays where training started
+    assert any(not torch.equal(controller.state_dict()[k], initial[k]) for k in initial)
+    kls = [h["kl"] for h in trainer.state.log_history if "kl" in h]
+    assert kls and all(k >= 0 for k in kls) and max(kls) > 0
+
+
+def test_model_card_names_executor_knobs_and_budgets(tmp_path):
+    trainer, controller, executor = make_trainer(tmp_path, max_steps=1)
+    trainer.create_model_card(model_name="my-controller")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "olmoe" in card.lower() and "50–150 ms" in card and "| `top_k` | 2, 3, 4 |" in card
+    assert "text-generation" not in card
