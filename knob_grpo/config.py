@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from trl import GRPOConfig
 
 
@@ -33,7 +34,11 @@ class KnobGRPOConfig(GRPOConfig):
     logging_steps: float = field(default=1, metadata={"help": "Log every this many steps."})
     report_to: Any = field(default="none", metadata={"help": "Logging backends (TRL's usual ones)."})
     save_strategy: str = field(default="no", metadata={"help": "When to save checkpoints ('no', 'steps', 'epoch')."})
-    use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is present."})
+    use_cpu: bool = field(
+        default=not torch.cuda.is_available(),
+        metadata={"help": "Train on the CPU. Defaults to True on a machine without a GPU, so that "
+                  "`accelerate launch --multi_gpu --num_processes N` runs N gloo processes on the CPU."},
+    )
 
     # ---- the data
     prompt_column: str = field(default="prompt", metadata={"help": "Dataset column with the request's text."})

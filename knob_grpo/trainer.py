@@ -52,6 +52,14 @@ def _named_reward(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
+def _image_key(image: Any) -> Any:
+    """Identity of an image's content (rows of one request carry equal but separate image objects)."""
+    if image is None:
+        return None
+    tobytes = getattr(image, "tobytes", None)
+    return zlib.crc32(tobytes()) if tobytes is not None else id(image)
+
+
 def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
     # masked options hold -inf; log_softmax keeps them at -inf and the others finite
     return torch.log_softmax(logits.float(), dim=-1)
@@ -102,7 +110,9 @@ class KnobGRPOTrainer(GRPOTrainer):
         beta = args.beta
         if beta < 0:
             raise ValueError(f"beta={beta} must be >= 0")
-        # TRL would rebuild a reference policy from the config's name; ours is a frozen copy (below).
+        # TRL would rebuild a reference policy from the config's name; ours is a frozen copy, taken
+        # before TRL wraps the controller's forward (a copy taken after would call the live weights).
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False) if beta > 0 else None
         args.beta = 0.0
         try:
             super().__init__(
@@ -118,7 +128,7 @@ class KnobGRPOTrainer(GRPOTrainer):
         finally:
             args.beta = beta
         self.beta = beta
-        self.ref_model = copy.deepcopy(model).eval().requires_grad_(False) if beta > 0 else None
+        self.ref_model = ref_model.to(self.accelerator.device) if ref_model is not None else None
         self.executor = executor  # not a submodule: DDP, the optimiser and checkpoints see the controller only
         self.knob_space = executor.knob_space
 
@@ -205,11 +215,22 @@ class KnobGRPOTrainer(GRPOTrainer):
         prefixes: dict[int, PrefixState] = {}
 
         def latency_token_fn(tiers: list, positions: list) -> torch.Tensor:
-            tokens = []
-            for i, (tier, p) in enumerate(zip(tiers, positions)):
-                image = [images[i]] if images[i] is not None else None
-                prefixes[i] = executor.prefill(prompts[i], image, tier=tier if image is not None else None, insertion_position=p)
-                tokens.append(prefixes[i].latency_token()[0])
+            # Fused: rows of one request that share a tier share one prefill, run to the largest p
+            # among them; each reads its latency token at its own p and later continues from there.
+            # Naive: one partial forward per row (and a full generate per row afterwards).
+            groups: dict[Any, list[int]] = {}
+            for i, tier in enumerate(tiers):
+                key = (prompts[i], _image_key(images[i]), tier) if self.fused_rollouts else i
+                groups.setdefault(key, []).append(i)
+            tokens: list[torch.Tensor | None] = [None] * len(tiers)
+            for rows in groups.values():
+                first = rows[0]
+                image = [images[first]] if images[first] is not None else None
+                deepest = max(positions[i] for i in rows)
+                state = executor.prefill(prompts[first], image, tier=tiers[first] if image is not None else None, insertion_position=deepest)
+                for i in rows:
+                    prefixes[i] = state
+                    tokens[i] = state.latency_token(positions[i])[0]
             return torch.stack(tokens).to(device)
 
         use_tokens = controller.stage2_mode == "latency_token"

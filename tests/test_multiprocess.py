@@ -19,7 +19,9 @@ def reference_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_two_processes_train_identically(tmp_path):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # accelerate 1.15 starts a single process for `--cpu --num_processes 2`; `--multi_gpu` starts two
+    # (torchrun), and the config's use_cpu=True makes them a gloo group on the CPU.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, str(tmp_path)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)

@@ -127,3 +127,58 @@ def test_model_card_names_executor_knobs_and_budgets(tmp_path):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "olmoe" in card.lower() and "50–150 ms" in card and "| `top_k` | 2, 3, 4 |" in card
     assert "text-generation" not in card
+
+
+def test_push_to_hub_through_the_trainer(tmp_path, monkeypatch):
+    """``Trainer.push_to_hub`` runs transformers' own code up to the upload call. The Hub's servers
+    cannot be reached here; these patches stand in for them: ``create_repo`` answers, and
+    ``upload_folder`` (the upload) records the files it would send."""
+    import json
+    import os
+
+    import huggingface_hub
+    from huggingface_hub import RepoUrl
+
+    uploaded = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        for name in os.listdir(folder_path):
+            if os.path.isfile(os.path.join(folder_path, name)):
+                with open(os.path.join(folder_path, name), "rb") as f:
+                    uploaded[name] = f.read()
+        uploaded["__repo_id__"] = repo_id
+        return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="",
+                                          commit_description="", oid="0" * 40)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    trainer, controller, _ = make_trainer(tmp_path, max_steps=1, push_to_hub=True, hub_model_id="someone/knob-controller",
+                                          hub_strategy="end")
+    trainer.train()
+    trainer.push_to_hub()
+    assert uploaded["__repo_id__"] == "someone/knob-controller"
+    assert json.loads(uploaded["config.json"])["model_type"] == "knob_grpo_controller"
+    assert "model.safetensors" in uploaded
+    card = uploaded["README.md"].decode()
+    assert "knob-controller" in card and "| `num_active_blocks` |" in card and "50–150 ms" in card
+
+
+def test_fused_rollouts_give_the_naive_tokens_and_share_prefills(tmp_path):
+    trainer, controller, executor = make_trainer(tmp_path, stage2_mode="latency_token", max_steps=1)
+    assert trainer.fused_rollouts
+    calls = []
+    prefill = executor.prefill
+    executor.prefill = lambda *a, **k: calls.append(k["insertion_position"]) or prefill(*a, **k)
+    trainer.model.train()
+    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    trainer._generate_and_score_completions(rows)
+    completions = list(trainer._logs["completion"])[-16:]
+    assert len(calls) <= 2 * len(executor.knob_space.tiers or [None])  # one prefill per request (and tier), not per row
+    for row, completion in zip(rows, completions):
+        knobs = {k: v for k, v in row["knobs"].items() if v is not None}
+        out = executor.generate(row["prompt"], **knobs, max_new_tokens=2, do_sample=False)
+        prompt_len = executor.prepare_inputs(row["prompt"])["input_ids"].shape[1]
+        assert executor.tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True).strip() == completion

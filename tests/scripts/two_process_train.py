@@ -34,7 +34,6 @@ class RecordingTrainer(KnobGRPOTrainer):
 
 
 def main(output_dir: str) -> None:
-    state = PartialState()
     model, tok = tiny_text_model("olmoe")
     executor = AdaptiveModel(model, tok)
     torch.manual_seed(0)  # same initial controller on both processes
@@ -43,6 +42,7 @@ def main(output_dir: str) -> None:
     args = KnobGRPOConfig(output_dir=output_dir, num_generations=8, per_device_train_batch_size=4, max_steps=4,
                           learning_rate=1e-2, max_completion_length=2, budget_min_ms=50.0, budget_max_ms=150.0,
                           seed=0, use_cpu=True, logging_steps=1)
+    state = PartialState()  # the one the config set up (cpu, gloo)
     trainer = RecordingTrainer(controller, executor, [gated_quality_reward], args=args, train_dataset=dataset,
                                latency_profile=known_profile(executor))
     trainer.records = []
