@@ -18,42 +18,44 @@ from dataclasses import dataclass, field
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from accelerate import PartialState  # noqa: E402
+from accelerate.utils import broadcast_object_list  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
 from knob_grpo import AdaptiveModel, KnobGRPOConfig, KnobGRPOTrainer, TwoStageController  # noqa: E402
 from knob_grpo.evaluation import evaluate_budgets  # noqa: E402
-from knob_grpo.profiling import fit_profile  # noqa: E402
+from knob_grpo.profiling import fit_profile, profile_executor  # noqa: E402
 from knob_grpo.rewards import exact_match_reward, make_budget_reward  # noqa: E402
 
 
 @dataclass
 class ScriptArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "Executor model; default: the embedded tiny MoE VLM."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Dataset (Hub name or local path); default: the embedded task."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Dataset (Hub name, or a local save_to_disk folder); default: the embedded task."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_profile_split: str = field(default="validation", metadata={"help": "Split for the latency profile and the lookup table."})
     dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
     question_column: str = field(default="question", metadata={"help": "Column with the question text."})
-    image_column: str = field(default="image", metadata={"help": "Column with the image."})
     answer_column: str = field(default="answer", metadata={"help": "Column with the reference answer."})
     train_samples: int = field(default=512, metadata={"help": "Training rows used."})
-    profile_samples: int = field(default=24, metadata={"help": "Rows used to fit the latency profile and to build the lookup table."})
-    eval_samples: int = field(default=96, metadata={"help": "Rows evaluated per budget."})
+    profile_samples: int = field(default=16, metadata={"help": "Rows used to fit the latency profile and to build the lookup table."})
+    profile_configs: int = field(default=24, metadata={"help": "Knob configurations profiled and swept (random, with the full and the cheapest)."})
+    eval_samples: int = field(default=64, metadata={"help": "Rows evaluated per budget."})
     eval_budgets: list[float] | None = field(default=None, metadata={"help": "Budgets (ms) of the sweep; default: 5 across the budget range."})
     stage2_mode: str = field(default="latency_token", metadata={"help": "'latency_token' or 'prompt'."})
     budget_range_from_profile: bool = field(default=True, metadata={"help": "Set the budget range from the profiled cheapest and full latency."})
 
 
-def load_data(script: ScriptArguments):
+def load_data(script: ScriptArguments, image_column: str):
     if script.dataset_name is None:
         from knob_grpo.embedded import make_task_dataset
 
         return (make_task_dataset("train", script.train_samples), make_task_dataset("validation", script.profile_samples),
                 make_task_dataset("test", script.eval_samples))
-    from datasets import load_dataset
+    from datasets import load_dataset, load_from_disk
 
-    data = load_dataset(script.dataset_name)
-    rename = {script.question_column: "question", script.image_column: "image", script.answer_column: "answer"}
+    is_saved = os.path.isfile(os.path.join(script.dataset_name, "dataset_dict.json"))
+    data = load_from_disk(script.dataset_name) if is_saved else load_dataset(script.dataset_name)
+    rename = {script.question_column: "question", image_column: "image", script.answer_column: "answer"}
 
     def take(split, n):
         part = data[split].select(range(min(n, len(data[split]))))
@@ -61,6 +63,19 @@ def load_data(script: ScriptArguments):
 
     return (take(script.dataset_train_split, script.train_samples), take(script.dataset_profile_split, script.profile_samples),
             take(script.dataset_test_split, script.eval_samples))
+
+
+def budget_range(records, target: str) -> tuple[float, float]:
+    """From the profiling sweep: a little above the cheapest configuration's median latency, to the full one's."""
+    def median(values):
+        values = sorted(values)
+        return values[len(values) // 2]
+
+    by_config: dict[str, list[float]] = {}
+    for r in records:
+        by_config.setdefault(str(r.knobs), []).append(r.ttft_ms if target == "ttft" else r.end_to_end_ms)
+    medians = sorted(median(v) for v in by_config.values())
+    return round(medians[0] * 1.05, 1), round(medians[-1] * 1.1, 1)
 
 
 def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
@@ -71,29 +86,40 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
         executor = load_embedded_adaptive()
     else:
         executor = AdaptiveModel.from_pretrained(script.model_name_or_path)
-    train, profile_data, test = load_data(script)
+    train, profile_data, test = load_data(script, args.image_column or "image")
     args.prompt_column, args.image_column = "question", "image"
 
-    # latency profile of this device: noise-free rewards, and rollouts may share work
-    profile, report = fit_profile(executor, list(profile_data), progress=state.is_main_process)
+    # 1. a latency profile of this device: noise-free rewards, and rollouts may share work
+    # (measured once, on the main process, and shared: every process must reward with the same profile)
+    shared = [None, None, None]
     if state.is_main_process:
-        print(f"latency profile: held-out median error {report['ttft']:.1f}% (ttft), {report['end_to_end']:.1f}% (end to end)")
-    if script.budget_range_from_profile:
-        args.budget_min_ms, args.budget_max_ms = report["budget_range"]
+        records = profile_executor(executor, list(profile_data), configs=script.profile_configs)
+        shared = [records, *fit_profile(executor, records=records)]
+    broadcast_object_list(shared)
+    records, profile, report = shared
+    if state.is_main_process:
+        print(f"latency profile: held-out median error {report['ttft_mdape_pct']:.1f}% (time to first token), "
+              f"{report['end_to_end_mdape_pct']:.1f}% (end to end)")
+    if script.budget_range_from_profile and records:
+        args.budget_min_ms, args.budget_max_ms = budget_range(records, args.latency_target)
 
+    # 2. GRPO over knob tuples
     controller = TwoStageController.for_executor(executor, stage2_mode=script.stage2_mode,
                                                  budget_range=(args.budget_min_ms, args.budget_max_ms))
     trainer = KnobGRPOTrainer(controller, executor, [exact_match_reward, make_budget_reward(penalty=-1.0)], args=args,
                               train_dataset=train, latency_profile=profile)
     trainer.train()
 
-    budgets = script.eval_budgets or [args.budget_min_ms + i * (args.budget_max_ms - args.budget_min_ms) / 4 for i in range(5)]
+    # 3. the budget sweep, with measured latency, against the lookup table, the full model and the oracle
+    budgets = script.eval_budgets or [round(args.budget_min_ms + i * (args.budget_max_ms - args.budget_min_ms) / 4, 1) for i in range(5)]
     if state.is_main_process:
-        result = evaluate_budgets(executor, controller, test, budgets, profile_dataset=profile_data,
-                                  latency_target=args.latency_target, output_dir=args.output_dir)
+        result = evaluate_budgets(executor, controller, test, budgets, profile_dataset=profile_data, configs=script.profile_configs,
+                                  max_new_tokens=args.max_completion_length, latency_target=args.latency_target,
+                                  output_dir=args.output_dir)
         print(result.to_markdown())
         trainer.evaluation_markdown = result.to_markdown()
     trainer.save_model(args.output_dir)
+    trainer.create_model_card(model_name=os.path.basename(os.path.normpath(args.output_dir)))
     if args.push_to_hub:
         trainer.push_to_hub(dataset_name=script.dataset_name or "knob_grpo embedded task")
 

@@ -32,7 +32,7 @@ class KnobGRPOConfig(GRPOConfig):
         metadata={"help": "'batch' (default), 'group' or 'none': what the group-centred rewards are divided by."},
     )
     logging_steps: float = field(default=1, metadata={"help": "Log every this many steps."})
-    report_to: Any = field(default="none", metadata={"help": "Logging backends (TRL's usual ones)."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Logging backends (TRL's usual ones)."})
     save_strategy: str = field(default="no", metadata={"help": "When to save checkpoints ('no', 'steps', 'epoch')."})
     use_cpu: bool = field(
         default=not torch.cuda.is_available(),

@@ -11,6 +11,7 @@ def controller_model_card(
     model_name: str,
     dataset_name: str | None = None,
     evaluation: str | None = None,
+    plot: str | None = None,
     training_args: Any = None,
 ) -> str:
     """Markdown card naming the executor model, the knob space and the budget range."""
@@ -44,8 +45,12 @@ def controller_model_card(
         else:
             options = ", ".join(map(str, space.options(name)))
         lines.append(f"| `{name}` | {options} |")
-    if evaluation:
-        lines += ["", "## Evaluation", "", evaluation]
+    if evaluation or plot:
+        lines += ["", "## Evaluation", ""]
+        if plot:
+            lines += [f"![accuracy against latency, with the budgets marked]({plot})", ""]
+        if evaluation:
+            lines.append(evaluation)
     lines += [
         "",
         "## Use",

@@ -49,6 +49,7 @@ __all__ = [
     "oracle_choice",
     "REPORT_COLUMNS",
     "write_markdown_table",
+    "markdown_table",
     "write_json",
     "pareto_series",
     "plot_pareto",
@@ -801,6 +802,17 @@ def write_markdown_table(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The Markdown table :func:`write_markdown_table` writes, as a string (one line per row)."""
+    rows = _check_rows(rows)
+    lines = [
+        "| " + " | ".join(REPORT_COLUMNS) + " |",
+        "|" + "|".join("---" if c in ("method", "knobs") else "---:" for c in REPORT_COLUMNS) + "|",
+    ]
+    lines += ["| " + " | ".join(_cell(c, row[c]) for c in REPORT_COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def write_json(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:

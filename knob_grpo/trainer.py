@@ -385,6 +385,7 @@ class KnobGRPOTrainer(GRPOTrainer):
             model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
             dataset_name=dataset_name,
             evaluation=getattr(self, "evaluation_markdown", None),
+            plot="pareto.png" if os.path.isfile(os.path.join(self.args.output_dir, "pareto.png")) else None,
             training_args=self.args,
         )
         os.makedirs(self.args.output_dir, exist_ok=True)

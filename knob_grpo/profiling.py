@@ -1,0 +1,565 @@
+"""Profiling sweeps: measure an executor's knob configurations and fit its latency profile.
+
+:func:`profile_executor` runs every configuration of a knob space (or a subset) on a set of
+calibration samples and times each run with :class:`~knob_grpo.latency.LatencyMeter`;
+:func:`fit_profile` turns those records into a :class:`~knob_grpo.latency.LatencyProfile` and reports
+the profile's own error on records it was not fitted on.
+
+How the sweep measures (the same conventions serve :mod:`knob_grpo.evaluation`):
+
+* The clock covers the model's ``generate``: vision encoder, prefill, and decode. Tokenisation
+  and image preprocessing happen once per (sample, tier) before any timing starts.
+* Warm-up: before the first timed run, ``warmup`` untimed passes touch every configuration and
+  every prepared input at least once (first-call costs: allocator, kernel choice, lazy imports).
+* Interleaving: each timed round runs every (configuration, sample) pair once, in an order
+  shuffled afresh per round, and a pair's result is the per-field median over the rounds. Slow
+  drift of the machine (other jobs, thermal state) then spreads evenly over the configurations
+  instead of landing on whichever ran last.
+* Fixed length: by default every run generates exactly ``max_new_tokens`` tokens
+  (``min_new_tokens`` is set too), so decode timings do not depend on when a model happens to emit
+  its end-of-sequence token.
+
+On a CPU shared with other processes, PyTorch's intra-op threads compete with them and timings
+swing by orders of magnitude; ``num_threads=1`` (set for the sweep and restored afterwards) gives
+much steadier numbers there. Even then, wall-clock runs of the same configuration differ by ~10%
+while other jobs run. ``clock="thread_cpu"`` (CPU, one thread only) times the executor's own
+compute on its thread instead (``time.thread_time``): time the scheduler gives to other processes
+is left out, so it measures what the latency would be on an idle machine, at ~2-5% noise. The
+default ``clock="wall"`` measures what a request experiences on the machine as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+from .knobs import Knobs
+from .latency import (
+    LatencyMeasurement,
+    LatencyMeter,
+    LatencyProfile,
+    ProfileRecord,
+    current_device_name,
+)
+
+__all__ = [
+    "SweepRecord",
+    "SweepRun",
+    "sample_text",
+    "sample_image",
+    "resolve_configs",
+    "prepare_sample_inputs",
+    "run_timed_jobs",
+    "config_job",
+    "sweep_configs",
+    "profile_executor",
+    "split_by_group",
+    "fit_profile",
+    "check_profile",
+    "load_profile_for",
+    "torch_threads",
+]
+
+SPLIT_MODES: tuple[str, ...] = ("pair", "config", "input")
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread_cpu": time.thread_time}
+
+
+def _clock(name: str, device: Any = None, num_threads: int | None = None) -> Callable[[], float]:
+    if name not in CLOCKS:
+        raise ValueError(f"clock={name!r} is not one of {', '.join(map(repr, CLOCKS))}")
+    if name == "thread_cpu":
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"clock='thread_cpu' only times CPU work; the executor runs on {device}")
+        threads = torch.get_num_threads() if num_threads is None else num_threads
+        if threads != 1:
+            raise ValueError(f"clock='thread_cpu' needs one PyTorch thread (num_threads=1), got {threads}: work on other threads is not counted")
+    return CLOCKS[name]
+
+
+# ============================================================================ samples
+
+
+def sample_text(sample: Mapping[str, Any], index: int | None = None) -> str:
+    """The prompt text of a calibration or evaluation row: its ``prompt``, else its ``question``."""
+    for key in ("prompt", "question"):
+        value = sample.get(key) if isinstance(sample, Mapping) else None
+        if value is not None and str(value) != "":
+            return str(value)
+    where = "" if index is None else f" {index}"
+    keys = sorted(sample) if isinstance(sample, Mapping) else type(sample).__name__
+    raise ValueError(f"row{where} has no 'prompt' or 'question' text (it has: {keys})")
+
+
+def sample_image(sample: Mapping[str, Any]) -> Any:
+    """The row's image, or ``None`` for a text-only row."""
+    return sample.get("image") if isinstance(sample, Mapping) else None
+
+
+def _rows(samples: Iterable[Mapping[str, Any]], what: str) -> list[Mapping[str, Any]]:
+    rows = list(samples)
+    if not rows:
+        raise ValueError(f"{what} is empty; give at least one row with a 'prompt' or 'question'")
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{what} row {i} is a {type(row).__name__}, not a dict with 'prompt'/'question' (and 'image')")
+        sample_text(row, i)
+    return rows
+
+
+def resolve_configs(adaptive: Any, configs: int | Sequence[Knobs | Mapping[str, Any]] | None = None, seed: int = 0) -> list[Knobs]:
+    """The configurations a sweep runs, validated and with every knob filled in.
+
+    ``None``: every configuration of ``adaptive.knob_space``. An integer ``n``: a random subset of
+    ``n`` of them (drawn with ``seed``) that always holds the full and the cheapest configuration,
+    so the sweep spans the whole cost range. A sequence: those configurations (duplicates dropped).
+    """
+    space = adaptive.knob_space
+    every = [space.validate(k) for k in space.all_configs()]
+    if configs is None:
+        return every
+    if isinstance(configs, bool):
+        raise ValueError(f"configs={configs!r} must be None, a number of configurations or a list of them")
+    if isinstance(configs, int):
+        if configs < 1:
+            raise ValueError(f"configs={configs} must be >= 1 (a number of random configurations)")
+        if configs >= len(every):
+            return every
+        ends = [space.full(), space.validate(space.cheapest())]
+        rest = [k for k in every if k not in ends]
+        chosen = ends[: configs] + random.Random(seed).sample(rest, max(0, configs - len(ends)))
+        return [k for k in every if k in chosen]  # keep the knob space's order
+    out: list[Knobs] = []
+    for k in configs:
+        knobs = space.validate(k if isinstance(k, Knobs) else Knobs(**dict(k)))
+        if knobs not in out:
+            out.append(knobs)
+    if not out:
+        raise ValueError("configs is an empty list; give at least one configuration (or None for all)")
+    return out
+
+
+def prepare_sample_inputs(adaptive: Any, samples: Sequence[Mapping[str, Any]], tiers: Iterable[str | None]) -> dict[tuple[int, str | None], dict[str, Any]]:
+    """Prepared model inputs per ``(sample index, tier)``; a text-only sample only gets tier ``None``."""
+    tiers = list(dict.fromkeys(tiers))
+    prepared: dict[tuple[int, str | None], dict[str, Any]] = {}
+    for i, sample in enumerate(samples):
+        text, image = sample_text(sample, i), sample_image(sample)
+        if image is None:
+            prepared[(i, None)] = adaptive.prepare_inputs(text)
+            continue
+        for tier in tiers:
+            prepared[(i, tier)] = adaptive.prepare_inputs(text, [image], tier=tier)
+    return prepared
+
+
+def _input_key(sample_index: int, knobs: Knobs, prepared: Mapping[tuple[int, str | None], Any]) -> tuple[int, str | None]:
+    key = (sample_index, knobs.tier)
+    return key if key in prepared else (sample_index, None)
+
+
+# ============================================================================ timing machinery
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Run with ``torch.set_num_threads(num_threads)`` and restore the previous count (``None``: no change)."""
+    if num_threads is None:
+        yield
+        return
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads={num_threads!r} must be an integer >= 1 (or None to leave PyTorch's setting)")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(enabled: bool, total: int, desc: str) -> Any:
+    if not enabled:
+        return _NoProgress()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are optional
+        return _NoProgress()
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+def _median_measurement(runs: Sequence[LatencyMeasurement]) -> LatencyMeasurement:
+    """Per-field medians, as :meth:`LatencyMeter.measure` aggregates its repeats."""
+    if len(runs) == 1:
+        return runs[0]
+    return LatencyMeasurement(
+        ttft_ms=statistics.median(r.ttft_ms for r in runs),
+        decode_ms=statistics.median(r.decode_ms for r in runs),
+        decode_ms_per_token=statistics.median(r.decode_ms_per_token for r in runs),
+        total_ms=statistics.median(r.total_ms for r in runs),
+        num_new_tokens=statistics.median_low(r.num_new_tokens for r in runs),
+    )
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+def run_timed_jobs(
+    jobs: Sequence[tuple[Hashable, Callable[[Any], Any]]],
+    *,
+    repeats: int = 1,
+    warmup_jobs: Sequence[Callable[[Any], Any]] = (),
+    seed: int = 0,
+    device: Any = None,
+    clock: str = "wall",
+    progress: bool = True,
+    desc: str = "timing",
+) -> dict[Hashable, tuple[LatencyMeasurement, Any]]:
+    """Time ``generate_fn(streamer)`` jobs in interleaved rounds.
+
+    ``jobs`` are ``(key, generate_fn)`` pairs (``generate_fn`` as for :meth:`LatencyMeter.measure`).
+    The ``warmup_jobs`` run once, untimed, first. Then each of ``repeats`` rounds runs every job
+    once in an order shuffled with ``seed`` and the round number. Returns, per key, the per-field
+    median :class:`LatencyMeasurement` over the rounds and the output of the job's last run.
+    ``clock``: ``"wall"`` or ``"thread_cpu"`` (module docstring).
+    """
+    repeats = _check_count("repeats", repeats, 1)
+    keys = [key for key, _ in jobs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("run_timed_jobs got duplicate job keys")
+    meter = LatencyMeter(warmup=0, repeats=1, device=device, clock=_clock(clock, device))
+    bar = _progress_bar(progress, len(warmup_jobs) + repeats * len(jobs), desc)
+    try:
+        for fn in warmup_jobs:
+            meter.measure_once(fn)
+            bar.update()
+        runs: dict[Hashable, list[LatencyMeasurement]] = {key: [] for key in keys}
+        outputs: dict[Hashable, Any] = {}
+        rng = random.Random(seed)
+        for _ in range(repeats):
+            order = list(range(len(jobs)))
+            rng.shuffle(order)
+            for j in order:
+                key, fn = jobs[j]
+                runs[key].append(meter.measure_once(fn))
+                outputs[key] = meter.last_output
+                bar.update()
+    finally:
+        bar.close()
+    return {key: (_median_measurement(runs[key]), outputs[key]) for key in keys}
+
+
+# ============================================================================ sweeps
+
+
+def config_job(adaptive: Any, knobs: Knobs, inputs: Mapping[str, Any], **generate_kwargs: Any) -> Callable[[Any], Any]:
+    """A ``generate_fn(streamer)`` that runs prepared ``inputs`` in configuration ``knobs``.
+
+    ``inputs`` come from ``adaptive.prepare_inputs`` at ``knobs.tier`` (the tier is applied there,
+    so it is not passed again). Runs under ``torch.inference_mode``.
+    """
+
+    def generate(streamer: Any) -> Any:
+        with torch.inference_mode():
+            return adaptive.generate(
+                **inputs,
+                insertion_position=knobs.insertion_position,
+                top_k=knobs.top_k,
+                num_active_blocks=knobs.num_active_blocks,
+                streamer=streamer,
+                **generate_kwargs,
+            )
+
+    return generate
+
+
+@dataclass
+class SweepRun:
+    """One (configuration, sample) pair of a sweep: its median timings and last output."""
+
+    knobs: Knobs
+    sample_index: int
+    measurement: LatencyMeasurement
+    output: Any
+    prompt_tokens: int
+    vision_tokens: int
+
+    @property
+    def text_tokens(self) -> int:
+        return self.prompt_tokens - self.vision_tokens
+
+
+def sweep_configs(
+    adaptive: Any,
+    samples: Sequence[Mapping[str, Any]],
+    configs: Sequence[Knobs],
+    *,
+    max_new_tokens: int = 8,
+    fixed_length: bool = True,
+    repeats: int = 1,
+    warmup: int = 1,
+    seed: int = 0,
+    clock: str = "wall",
+    progress: bool = True,
+    desc: str = "sweep",
+    generate_kwargs: Mapping[str, Any] | None = None,
+) -> list[SweepRun]:
+    """Run every configuration on every sample (greedy decoding), timed as the module describes.
+
+    ``configs`` must already be validated (:func:`resolve_configs`). Returns one :class:`SweepRun`
+    per pair, configuration-major in the given order.
+    """
+    max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 1)
+    warmup = _check_count("warmup", warmup, 0)
+    samples = _rows(samples, "the sample list")
+    configs = list(configs)
+    if not configs:
+        raise ValueError("sweep_configs got no configurations")
+    prepared = prepare_sample_inputs(adaptive, samples, [k.tier for k in configs])
+    extra = {"max_new_tokens": max_new_tokens, "do_sample": False, **dict(generate_kwargs or {})}
+    if fixed_length:
+        extra["min_new_tokens"] = max_new_tokens
+
+    def job(knobs: Knobs, inputs: dict[str, Any]) -> Callable[[Any], Any]:
+        return config_job(adaptive, knobs, inputs, **extra)
+
+    pairs = [(c, s) for c in range(len(configs)) for s in range(len(samples))]
+    jobs = [((c, s), job(configs[c], prepared[_input_key(s, configs[c], prepared)])) for c, s in pairs]
+    # Warm-up touches every configuration and every prepared input at least once.
+    inputs_list = list(prepared)
+    n_warm = max(len(configs), len(inputs_list)) if warmup else 0
+    warm = []
+    for _ in range(warmup):
+        for j in range(n_warm):
+            knobs = configs[j % len(configs)]
+            sample_index, _tier = inputs_list[j % len(inputs_list)]
+            warm.append(job(knobs, prepared[_input_key(sample_index, knobs, prepared)]))
+    timed = run_timed_jobs(jobs, repeats=repeats, warmup_jobs=warm, seed=seed, device=adaptive.device, clock=clock,
+                           progress=progress, desc=desc)
+    runs = []
+    for c, s in pairs:
+        measurement, output = timed[(c, s)]
+        inputs = prepared[_input_key(s, configs[c], prepared)]
+        runs.append(
+            SweepRun(
+                knobs=configs[c],
+                sample_index=s,
+                measurement=measurement,
+                output=output,
+                prompt_tokens=int(inputs["input_ids"].shape[-1]),
+                vision_tokens=int(adaptive.num_vision_tokens(inputs)),
+            )
+        )
+    return runs
+
+
+@dataclass
+class SweepRecord(ProfileRecord):
+    """A :class:`ProfileRecord` that also names the configuration and sample it measured, and the
+    clock that timed it (``"wall"`` or ``"thread_cpu"``)."""
+
+    knobs: Knobs | None = None
+    sample_index: int = -1
+    clock: str = "wall"
+
+
+def _record(adaptive: Any, run: SweepRun, clock: str) -> SweepRecord:
+    m, k = run.measurement, run.knobs
+    return SweepRecord(
+        vision_tokens=run.vision_tokens,
+        text_tokens=run.text_tokens,
+        num_active_blocks=k.num_active_blocks,
+        top_k=k.top_k,
+        insertion_position=k.insertion_position or 0,
+        default_top_k=adaptive.default_top_k,
+        output_tokens=m.num_new_tokens,
+        ttft_ms=m.ttft_ms,
+        decode_ms_per_token=m.decode_ms_per_token,
+        end_to_end_ms=m.total_ms,
+        knobs=k,
+        sample_index=run.sample_index,
+        clock=clock,
+    )
+
+
+def profile_executor(
+    adaptive: Any,
+    samples: Iterable[Mapping[str, Any]],
+    configs: int | Sequence[Knobs | Mapping[str, Any]] | None = None,
+    *,
+    max_new_tokens: int = 8,
+    repeats: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+    num_threads: int | None = None,
+    clock: str = "wall",
+    progress: bool = True,
+) -> list[SweepRecord]:
+    """Measure ``configs`` (default: the whole knob space) on calibration ``samples``.
+
+    ``samples`` are dicts with ``prompt`` (or ``question``) text and an optional ``image``; their
+    differing texts and image sizes, together with the tiers, give the spread of text and vision
+    token counts the profile's input-size terms are fitted from. ``configs``: ``None`` (all), a
+    number ``n`` (a seeded random subset that keeps the full and the cheapest configuration) or a
+    list of configurations. Each pair is timed ``repeats`` times in interleaved rounds after
+    ``warmup`` warm-up passes (module docstring); every run generates exactly ``max_new_tokens``
+    (>= 2, so decode is measured). ``clock``: ``"wall"`` (default) or ``"thread_cpu"`` (CPU and
+    ``num_threads=1`` only; see the module docstring). Returns one :class:`SweepRecord` per
+    (configuration, sample), with the feature fields, ``ttft_ms``, ``decode_ms_per_token`` and
+    ``end_to_end_ms``.
+    """
+    max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 2)
+    _clock(clock, adaptive.device, num_threads)
+    samples = _rows(samples, "the calibration sample list")
+    chosen = resolve_configs(adaptive, configs, seed)
+    with torch_threads(num_threads):
+        runs = sweep_configs(
+            adaptive, samples, chosen, max_new_tokens=max_new_tokens, fixed_length=True, repeats=repeats,
+            warmup=warmup, seed=seed, clock=clock, progress=progress, desc="profiling",
+        )
+    return [_record(adaptive, run, clock) for run in runs]
+
+
+# ============================================================================ fitting
+
+
+def split_by_group(
+    records: Sequence[Any], holdout_fraction: float = 0.25, *, split_by: str = "pair", seed: int = 0
+) -> tuple[list[Any], list[Any]]:
+    """Split records into ``(fit, holdout)`` so no unit is on both sides.
+
+    ``split_by``: ``"pair"`` (each (configuration, input) pair is a unit: its repeats were already
+    merged into one record), ``"config"`` (held-out records are of configurations never fitted on)
+    or ``"input"`` (of calibration samples never fitted on). ``"config"``/``"input"`` need the
+    :class:`SweepRecord` fields ``knobs``/``sample_index``. Units are shuffled with ``seed`` and
+    ``round(units * holdout_fraction)`` of them (at least one, leaving at least one) are held out.
+    """
+    records = list(records)
+    if split_by not in SPLIT_MODES:
+        raise ValueError(f"split_by={split_by!r} is not one of {', '.join(map(repr, SPLIT_MODES))}")
+    if not (isinstance(holdout_fraction, (int, float)) and 0 < holdout_fraction < 1):
+        raise ValueError(f"holdout_fraction={holdout_fraction!r} must be strictly between 0 and 1")
+
+    def unit(i: int, r: Any) -> Hashable:
+        if split_by == "pair":
+            return i
+        field_name = "knobs" if split_by == "config" else "sample_index"
+        value = getattr(r, field_name, None) if not isinstance(r, Mapping) else r.get(field_name)
+        if value is None or value == -1:
+            raise ValueError(f"split_by={split_by!r} needs records that name their {field_name} (SweepRecord); record {i} does not")
+        return value
+
+    keys = [unit(i, r) for i, r in enumerate(records)]
+    units = list(dict.fromkeys(keys))
+    if len(units) < 2:
+        raise ValueError(f"split_by={split_by!r} needs at least 2 distinct units to split, got {len(units)}")
+    random.Random(seed).shuffle(units)
+    n_hold = min(max(1, round(len(units) * holdout_fraction)), len(units) - 1)
+    held = set(units[:n_hold])
+    fit = [r for r, k in zip(records, keys) if k not in held]
+    hold = [r for r, k in zip(records, keys) if k in held]
+    return fit, hold
+
+
+def fit_profile(
+    adaptive: Any,
+    samples: Iterable[Mapping[str, Any]] | None = None,
+    *,
+    records: Sequence[Any] | None = None,
+    holdout_fraction: float = 0.25,
+    split_by: str = "pair",
+    configs: int | Sequence[Knobs | Mapping[str, Any]] | None = None,
+    max_new_tokens: int = 8,
+    repeats: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+    num_threads: int | None = None,
+    clock: str = "wall",
+    progress: bool = True,
+) -> tuple[LatencyProfile, dict[str, Any]]:
+    """Profile ``adaptive`` (or use given ``records``), fit a latency profile, report its error.
+
+    The records (from :func:`profile_executor` on ``samples`` unless ``records`` are given) are
+    split into fit and held-out parts by :func:`split_by_group`; the profile is fitted on the fit
+    part only and its median absolute percentage error on the held-out part is reported, so the
+    returned profile's error is exactly the one reported. The profile is keyed by
+    :func:`current_device_name` of the executor's device and ``adaptive.name_or_path``; the
+    report is also stored in ``profile.metadata["holdout"]`` so a saved profile carries it.
+
+    Returns ``(profile, report)`` with report keys ``ttft_mdape_pct``, ``end_to_end_mdape_pct``,
+    ``decode_per_token_mdape_pct``, ``num_records``, ``num_fit``, ``num_holdout``, ``split_by``,
+    ``clock`` (of the records), ``device``, ``executor``, ``profiling_seconds``.
+    """
+    start = time.perf_counter()
+    if records is None:
+        if samples is None:
+            raise ValueError("fit_profile needs calibration samples (or records= from profile_executor)")
+        records = profile_executor(
+            adaptive, samples, configs, max_new_tokens=max_new_tokens, repeats=repeats, warmup=warmup,
+            seed=seed, num_threads=num_threads, clock=clock, progress=progress,
+        )
+    records = list(records)
+    measured_seconds = time.perf_counter() - start
+    fit_part, held = split_by_group(records, holdout_fraction, split_by=split_by, seed=seed)
+    device = current_device_name(adaptive.device)
+    executor = str(adaptive.name_or_path)
+    profile = LatencyProfile.fit(fit_part, device=device, executor=executor)
+    errors = profile.holdout_error(held)
+    decode_errors = [
+        abs(profile.predict(r)["decode_ms_per_token"] - r.decode_ms_per_token) / r.decode_ms_per_token * 100
+        for r in held
+        if getattr(r, "decode_ms_per_token", None) and r.output_tokens > 1
+    ]
+    report = {
+        "device": device,
+        "executor": executor,
+        "num_records": len(records),
+        "num_fit": len(fit_part),
+        "num_holdout": len(held),
+        "split_by": split_by,
+        "clock": "/".join(sorted({str(getattr(r, "clock", "unknown")) for r in records})),
+        "ttft_mdape_pct": errors["ttft"],
+        "end_to_end_mdape_pct": errors["end_to_end"],
+        "decode_per_token_mdape_pct": statistics.median(decode_errors) if decode_errors else math.nan,
+        "profiling_seconds": measured_seconds,
+    }
+    profile.metadata["holdout"] = {k: v for k, v in report.items() if k not in ("device", "executor")}
+    return profile, report
+
+
+# ============================================================================ keying
+
+
+def check_profile(profile: LatencyProfile, adaptive: Any, *, strict_device: bool = True) -> LatencyProfile:
+    """Refuse (``ValueError``) a profile of another executor, or (``strict_device``) another device."""
+    executor = str(adaptive.name_or_path)
+    if profile.executor != executor:
+        raise ValueError(
+            f"the latency profile is for executor {profile.executor!r}, not for {executor!r}; "
+            "profile this executor (knob_grpo.profiling.fit_profile) before using its latencies"
+        )
+    device = current_device_name(adaptive.device)
+    if strict_device and profile.device != device:
+        raise ValueError(f"the latency profile was measured on device {profile.device!r}, not on this device {device!r}")
+    return profile
+
+
+def load_profile_for(adaptive: Any, path: Any, *, strict: bool = True) -> LatencyProfile:
+    """Load the profile of ``adaptive`` on this device from ``path`` (see :meth:`LatencyProfile.load`)."""
+    return LatencyProfile.load(path, device=current_device_name(adaptive.device), executor=str(adaptive.name_or_path), strict=strict)

@@ -1,0 +1,261 @@
+"""Tests for knob_grpo.evaluation: report rows from hand-built outcomes, the lookup table through the
+evaluation code path, a real budget sweep on a tiny Qwen3-VL-MoE, the CLI and input errors."""
+
+import json
+import math
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pytest
+
+from knob_grpo.adaptive import AdaptiveModel
+from knob_grpo.controller import TwoStageController
+from knob_grpo.evaluation import (
+    METHODS,
+    EvaluationResult,
+    RowOutcome,
+    StaticSweep,
+    _row_id,
+    evaluate_budgets,
+    exact_match_score,
+    main,
+)
+from knob_grpo.knobs import Knobs
+from knob_grpo.latency import REPORT_COLUMNS, LatencyMeter, current_device_name, markdown_table, write_markdown_table
+from tiny import tiny_image, tiny_vlm
+
+QUESTIONS = ["what colour is the circle ?", "how many dots are there ?", "what shape is the red one ?", "is the square blue ?"]
+FAST, MID, SLOW = Knobs("low", 1, 2, 5), Knobs("medium", 1, 3, 6), Knobs("high", 1, 4, 6)
+THREADS = 1  # timings on a shared CPU are far steadier with one intra-op thread
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    model, processor = tiny_vlm(moe=True)
+    return AdaptiveModel(model, processor)
+
+
+def make_rows(adaptive, seed0, n=4):
+    """Rows whose answer is the full model's own greedy answer (so the full model scores 1.0)."""
+    rows = []
+    for i in range(n):
+        question, image = QUESTIONS[i % len(QUESTIONS)], tiny_image(seed0 + i, 48 + 16 * i)
+        out = adaptive.generate(question, [image], max_new_tokens=3, do_sample=False)
+        prompt_len = adaptive.prepare_inputs(question, [image])["input_ids"].shape[-1]
+        answer = adaptive.tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True)
+        rows.append({"question": question, "image": image, "answer": answer})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def data(vlm):
+    return make_rows(vlm, 0), make_rows(vlm, 100, n=3)
+
+
+def outcome(score, latency, knobs=FAST, total=None):
+    return RowOutcome(score=score, ttft_ms=latency, total_ms=latency * 2 if total is None else total, knobs=knobs)
+
+
+# --------------------------------------------------------------------------- hand-built numbers
+def test_rows_from_hand_built_outcomes():
+    latencies, scores = [50.0, 90.0, 100.0, 150.0, 200.0], [1, 1, 0, 1, 0]
+    ctrl = [outcome(s, t, FAST if i < 3 else SLOW) for i, (s, t) in enumerate(zip(scores, latencies))]
+    result = EvaluationResult(budgets=[100.0], outcomes={("controller", 100.0): ctrl})
+    (row,) = result.rows
+    assert set(REPORT_COLUMNS) <= set(row)
+    assert row["accuracy"] == pytest.approx(0.6)
+    assert row["mean_latency_ms"] == pytest.approx(118.0)
+    assert row["p95_latency_ms"] == pytest.approx(190.0)  # numpy's linear percentile: 150 + 0.8 * 50
+    assert row["violation_rate"] == pytest.approx(0.4)  # 100 ms fits a 100 ms budget
+    assert row["accuracy_within_budget"] == pytest.approx(0.4)  # the correct 150 ms row was late
+    assert row["knobs"] == f"{FAST} (3/5 rows)"
+    assert row["knob_distribution"] == {str(FAST): 0.6, str(SLOW): 0.4}
+    # the end-to-end target reads total_ms (= 2 x ttft here)
+    assert markdown_table(result.rows) in result.to_markdown()
+    e2e = EvaluationResult(budgets=[250.0], outcomes={("controller", 250.0): ctrl}, latency_target="end_to_end").rows[0]
+    assert e2e["p95_latency_ms"] == pytest.approx(380.0) and e2e["violation_rate"] == pytest.approx(0.4)
+
+
+def test_markdown_table_matches_the_writer(tmp_path):
+    rows = EvaluationResult(budgets=[50.0], outcomes={("oracle", 50.0): [outcome(1, 40.0), outcome(0, 60.0)]}).rows
+    assert markdown_table(rows) == write_markdown_table(rows, tmp_path / "t.md").read_text()
+
+
+def test_summary_gap_closed():
+    budgets = [100.0, 300.0]
+    per = {  # accuracy per (method, budget) over 4 rows, all within budget
+        ("controller", 100.0): [1, 1, 0, 0], ("lookup table", 100.0): [1, 0, 0, 0], ("oracle", 100.0): [1, 1, 1, 0],
+        ("controller", 300.0): [1, 1, 1, 0], ("lookup table", 300.0): [1, 1, 1, 1], ("oracle", 300.0): [1, 1, 1, 1],
+        ("full model", 100.0): [1, 1, 1, 1], ("full model", 300.0): [1, 1, 1, 1],
+    }
+    result = EvaluationResult(budgets=budgets, outcomes={k: [outcome(s, 50.0) for s in v] for k, v in per.items()})
+    s100, s300 = result.summary
+    assert s100["controller_minus_lookup"] == pytest.approx(0.25)
+    assert s100["gap_closed"] == pytest.approx(0.5)  # (0.5 - 0.25) / (0.75 - 0.25)
+    assert s300["controller_minus_lookup"] == pytest.approx(-0.25)
+    assert s300["gap_closed"] is None  # the oracle is no better than the lookup table: no gap
+    assert [(r["method"], r["budget_ms"]) for r in result.rows] == [(m, b) for m in METHODS for b in budgets]
+    assert result.row("controller", 100.0)["gap_closed"] == pytest.approx(0.5)
+    md = result.to_markdown()
+    assert "| method | budget_ms | accuracy |" in md and "+0.5000" in md and "gap closed" in md
+
+
+def test_lookup_table_from_a_hand_built_sweep():
+    rows = lambda acc, lat: [outcome(a, t, None) for a, t in zip(acc, lat)]  # noqa: E731
+    sweep = StaticSweep(
+        executor="x", device="d", configs=[FAST, MID, SLOW],
+        outcomes=[rows([1, 0, 0, 0], [8, 9, 10, 30]), rows([1, 1, 1, 0], [40, 45, 50, 55]), rows([1, 1, 1, 1], [300, 310, 320, 330])],
+    )
+    table = {k: (a, t) for k, a, t in sweep.table("ttft", "p95")}
+    assert table[FAST] == (0.25, pytest.approx(27.0))
+    assert {k: t for k, _, t in sweep.table("ttft", "mean")}[FAST] == pytest.approx(14.25)
+    assert {k: t for k, _, t in sweep.table("ttft", "max")}[MID] == 55
+    assert {k: t for k, _, t in sweep.table("end_to_end", "max")}[MID] == 110
+    per_sample = sweep.per_sample()
+    assert len(per_sample) == 4 and per_sample[3][0] == (FAST, 0.0, 30.0)
+    with pytest.raises(ValueError, match="'median'"):
+        sweep.table("ttft", "median")
+    assert StaticSweep.from_dict(json.loads(json.dumps(sweep.to_dict()))) == sweep
+
+
+# --------------------------------------------------------------------------- a real sweep on a tiny model
+@pytest.fixture(scope="module")
+def evaluation(vlm, data, tmp_path_factory):
+    eval_rows, profile_rows = data
+    meter = LatencyMeter(warmup=1, repeats=3)
+    inputs = vlm.prepare_inputs(eval_rows[0]["question"], [eval_rows[0]["image"]])
+    full_ms = meter.measure(lambda s: vlm.generate(**inputs, max_new_tokens=3, streamer=s)).ttft_ms
+    budgets = [round(0.6 * full_ms, 1), round(1.2 * full_ms, 1), round(4 * full_ms, 1)]
+    controller = TwoStageController.for_executor(vlm, stage2_mode="prompt", budget_range=(budgets[0], budgets[-1]))
+    out = tmp_path_factory.mktemp("evaluation")
+    result = evaluate_budgets(vlm, controller, eval_rows, budgets, profile_dataset=profile_rows, max_new_tokens=3,
+                              output_dir=out, num_threads=THREADS, progress=False)
+    return result, budgets, out
+
+
+def test_real_sweep_writes_the_reports(evaluation, vlm):
+    result, budgets, out = evaluation
+    rows = json.loads((out / "evaluation.json").read_text())
+    assert sorted((r["method"], r["budget_ms"]) for r in rows) == sorted((m, float(b)) for m in METHODS for b in budgets)
+    for r in rows:
+        assert set(REPORT_COLUMNS) <= set(r)
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["violation_rate"] <= 1
+        assert r["mean_latency_ms"] > 0 and r["p95_latency_ms"] > 0 and r["num_rows"] == 4
+    md = (out / "evaluation.md").read_text()
+    assert md.count("\n| controller |") == len(budgets) and "## Controller against the baselines" in md
+    png = (out / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # the lookup table was chosen on the calibration rows, and its configuration ran on the evaluation rows
+    assert result.profile_sweep.num_rows == 3 and len(result.profile_sweep.configs) == 27
+    assert result.evaluation_sweep.num_rows == 4
+    for budget in budgets:
+        choice = result.lookup_choices[budget]
+        assert result.outcomes[("lookup table", budget)] == result.evaluation_sweep.results(choice.config_key)
+        for o in result.outcomes[("controller", budget)]:
+            vlm.knob_space.validate(o.knobs)
+
+
+def test_real_sweep_invariants(evaluation):
+    result, budgets, _ = evaluation
+    for budget in budgets:
+        full, lookup, oracle = (result.row(m, budget) for m in ("full model", "lookup table", "oracle"))
+        assert full["accuracy"] == 1.0  # the answers are the full model's own greedy outputs
+        assert oracle["accuracy_within_budget"] >= lookup["accuracy_within_budget"] >= 0
+        if lookup["violation_rate"] == 0:  # then every lookup row was open to the oracle too
+            assert oracle["accuracy"] >= lookup["accuracy"] >= 0
+        # the oracle never takes a configuration that overruns when one fits
+        per_sample = result.evaluation_sweep.per_sample("ttft")
+        for i, o in enumerate(result.outcomes[("oracle", budget)]):
+            if any(lat <= budget for _, _, lat in per_sample[i]):
+                assert o.ttft_ms <= budget
+    for s in result.summary:
+        assert s["controller_minus_lookup"] == pytest.approx(
+            result.row("controller", s["budget_ms"])["accuracy"] - result.row("lookup table", s["budget_ms"])["accuracy"]
+        )
+
+
+def test_lookup_table_through_evaluate_budgets(vlm, data):
+    """Hand-built profile records: the evaluation must run the configuration the table picks."""
+    eval_rows, _ = data
+    records = StaticSweep(
+        executor=vlm.name_or_path, device=current_device_name(vlm.device), configs=[FAST, MID, SLOW],
+        outcomes=[[outcome(0.0, 10.0, None), outcome(1.0, 10.0, None)], [outcome(1.0, 50.0, None)] * 2, [outcome(1.0, 900.0, None)] * 2],
+        row_ids=[_row_id(eval_rows[1]), "another row"],  # one calibration row is also an evaluation row
+    )
+    controller = TwoStageController.for_executor(vlm, stage2_mode="latency_token", budget_range=(10, 100))
+    with pytest.warns(UserWarning, match="1 evaluation row"):
+        result = evaluate_budgets(vlm, controller, eval_rows[:2], [20.0, 100.0], profile_records=records.to_dict(),
+                                  max_new_tokens=2, include_oracle=False, num_threads=THREADS, progress=False)
+    assert result.lookup_choices[20.0].config_key == FAST  # the only one that fits 20 ms
+    assert result.lookup_choices[100.0].config_key == MID  # better than FAST, and SLOW does not fit
+    assert result.row("lookup table", 20.0)["knobs"] == str(FAST)
+    assert result.row("lookup table", 100.0)["knobs"] == str(MID)
+    assert {r["method"] for r in result.rows} == {"controller", "lookup table", "full model"}
+    assert result.evaluation_sweep.configs == [vlm.knob_space.full(), FAST, MID]  # no oracle: only what is reported
+    assert result.summary == []  # no oracle, no gap
+    for o in result.outcomes[("controller", 20.0)]:  # latency-token mode ran and was scored
+        assert o.score in (0.0, 1.0) and o.ttft_ms > 0 and o.knobs.tier in vlm.knob_space.tiers
+
+
+# --------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "budgets,message",
+    [([], "budget list is empty"), ([100, 0], "budget 1 = 0"), ([-5], "budget 0 = -5"), ([float("nan")], "nan"),
+     ([float("inf")], "inf"), (["fast"], "'fast' is not a number"), ([100, 100], "repeat")],
+)
+def test_bad_budgets(vlm, data, budgets, message):
+    controller = TwoStageController.for_executor(vlm, stage2_mode="prompt")
+    with pytest.raises(ValueError, match=message):
+        evaluate_budgets(vlm, controller, data[0], budgets, profile_dataset=data[1], progress=False)
+
+
+def test_bad_inputs(vlm, data):
+    eval_rows, profile_rows = data
+    controller = TwoStageController.for_executor(vlm, stage2_mode="prompt")
+    model, processor = tiny_vlm(moe=True, num_layers=4)
+    smaller = AdaptiveModel(model, processor)
+    with pytest.raises(ValueError, match="blocks: controller 6, executor 4"):
+        evaluate_budgets(smaller, controller, eval_rows, [100], profile_dataset=profile_rows, progress=False)
+    foreign = StaticSweep(executor="someone/other-vlm", device=current_device_name(), configs=[FAST], outcomes=[[outcome(1, 5)]])
+    with pytest.raises(ValueError, match="someone/other-vlm"):
+        evaluate_budgets(vlm, controller, eval_rows, [100], profile_records=foreign, progress=False)
+    elsewhere = StaticSweep(executor=vlm.name_or_path, device="cuda:Some GPU", configs=[FAST], outcomes=[[outcome(1, 5)]])
+    with pytest.raises(ValueError, match="cuda:Some GPU"):
+        evaluate_budgets(vlm, controller, eval_rows, [100], profile_records=elsewhere, progress=False)
+    with pytest.raises(ValueError, match="profile_dataset="):
+        evaluate_budgets(vlm, controller, eval_rows, [100], progress=False)
+    with pytest.raises(ValueError, match="disjoint"):
+        evaluate_budgets(vlm, controller, eval_rows, [100], profile_dataset=eval_rows, progress=False)
+    with pytest.raises(ValueError, match="latency_target='tpot'"):
+        evaluate_budgets(vlm, controller, eval_rows, [100], profile_dataset=profile_rows, latency_target="tpot")
+    with pytest.raises(ValueError, match="evaluation dataset is empty"):
+        evaluate_budgets(vlm, controller, [], [100], profile_dataset=profile_rows)
+    with pytest.raises(ValueError, match="not a knob controller"):
+        evaluate_budgets(vlm, object(), eval_rows, [100], profile_dataset=profile_rows)
+    with pytest.raises(ValueError, match="no 'answer'"):
+        exact_match_score("red", {"question": "what colour ?"})
+    assert exact_match_score("The Red.", {"question": "q", "answer": ["red", "crimson"]}) == 1.0
+
+
+# --------------------------------------------------------------------------- command line
+def test_cli(vlm, data, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    eval_rows, profile_rows = data
+    vlm.save_pretrained(tmp_path / "executor")
+    controller = TwoStageController.for_executor(vlm, stage2_mode="prompt", budget_range=(10, 100))
+    controller.save_pretrained(tmp_path / "controller")
+    datasets.Dataset.from_list(eval_rows[:2]).save_to_disk(tmp_path / "eval")
+    datasets.Dataset.from_list(profile_rows[:2]).save_to_disk(tmp_path / "calib")
+    out = tmp_path / "report"
+    code = main(["--executor", str(tmp_path / "executor"), "--controller", str(tmp_path / "controller"),
+                 "--budgets", "15", "60", "--dataset", str(tmp_path / "eval"), "--profile_dataset", str(tmp_path / "calib"),
+                 "--output_dir", str(out), "--max_new_tokens", "2", "--num_threads", "1", "--no_progress", "--no_oracle",
+                 "--save_profile_records", str(tmp_path / "calib_sweep.json")])
+    assert code == 0
+    rows = json.loads((out / "evaluation.json").read_text())
+    assert len(rows) == 3 * 2 and all(math.isfinite(r["mean_latency_ms"]) for r in rows)
+    assert (out / "evaluation.md").exists() and (out / "pareto.png").exists()
+    assert StaticSweep.load(tmp_path / "calib_sweep.json").num_rows == 2

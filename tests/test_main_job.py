@@ -1,0 +1,69 @@
+"""examples/train.py end to end, shortened, on a tiny model of the embedded architecture."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHORT = ["--max_steps", "2", "--train_samples", "16", "--profile_samples", "2", "--profile_configs", "4",
+         "--eval_samples", "2", "--num_generations", "4", "--eval_budgets", "20", "60"]
+
+
+@pytest.fixture(scope="module")
+def saved_executor_and_data(tmp_path_factory):
+    """A randomly initialised model of the embedded architecture and a small task set, saved to disk."""
+    from datasets import DatasetDict
+
+    from knob_grpo import AdaptiveModel
+    from knob_grpo.embedded import TIER_PIXELS, build_model, build_processor, knob_space, make_task_dataset
+
+    root = tmp_path_factory.mktemp("e2e")
+    AdaptiveModel(build_model(seed=0), build_processor(), knob_space=knob_space(), tier_pixels=dict(TIER_PIXELS)).save_pretrained(str(root / "model"))
+    DatasetDict(train=make_task_dataset("train", 16), validation=make_task_dataset("validation", 4),
+                test=make_task_dataset("test", 4)).save_to_disk(str(root / "data"))
+    return root
+
+
+def run(cmd, env_extra=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env_extra or {}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def check_outputs(out):
+    from transformers import AutoModel
+
+    import knob_grpo  # noqa: F401  (registers the controller with AutoModel)
+
+    controller = AutoModel.from_pretrained(str(out))
+    assert type(controller).__name__ == "TwoStageController"
+    rows = json.loads((out / "evaluation.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert {(r["method"], r["budget_ms"]) for r in rows} >= {("controller", 20.0), ("lookup table", 60.0), ("oracle", 20.0)}
+    assert (out / "pareto.png").stat().st_size > 1000
+    card = (out / "README.md").read_text()
+    assert "## Evaluation" in card and "| controller |" in card
+
+
+@pytest.mark.slow
+def test_train_script_single_process(saved_executor_and_data, tmp_path):
+    root = saved_executor_and_data
+    run([sys.executable, "examples/train.py", "--model_name_or_path", str(root / "model"), "--dataset_name", str(root / "data"),
+         "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "8", *SHORT])
+    check_outputs(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_train_script_two_processes(saved_executor_and_data, tmp_path):
+    root = saved_executor_and_data
+    # accelerate 1.15 starts one process for `--cpu --num_processes 2`; `--multi_gpu` starts two, which
+    # KnobGRPOConfig (use_cpu defaults to True without a GPU) joins into a gloo group.
+    run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "examples/train.py", "--model_name_or_path", str(root / "model"),
+         "--dataset_name", str(root / "data"), "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "4", *SHORT])
+    check_outputs(tmp_path / "out")
+    assert not any(p.name.startswith("checkpoint") for p in (tmp_path / "out").iterdir())
