@@ -8,7 +8,8 @@ How the knobs reach the model (no weights are copied or changed):
 * ``num_active_blocks`` — each decoder block's ``forward`` is wrapped; a dropped block returns its
   input unchanged (its KV cache is never written; block 0 is never dropped, so the cache length
   the model reads from block 0 stays right).
-* ``tier`` — applied where the image becomes tokens: the processor's pixel budget.
+* ``tier`` — applied where the image becomes tokens: the processor's pixel budget (Qwen-VL) or
+  crop budget (Molmo).
 * ``insertion_position`` — bounds the two block-level knobs, and is where a generate can be
   split: :meth:`AdaptiveModel.prefill` runs blocks ``0..p-1`` and returns the hidden state of
   the last prompt token (the controller's latency token); ``generate(prefix=...)`` then continues
@@ -156,6 +157,10 @@ class AdaptiveModel:
             last tier defaults to the processor's own ``max_pixels`` so the full setting is the
             unmodified model; the others default to 256 and 1024 merged vision tokens (or 1/16
             and 1/4 of the full budget when that is smaller).
+        tier_crops: maximum crops per image of each tier, cheapest first, for Molmo-style models
+            (``tier_mode="crops"``). The last tier defaults to the processor's own ``max_crops``
+            (15 if it has none) so the full setting is the unmodified model; the others default to
+            the research system's 3 and 8 crops (1/4 and 1/2 of the full budget when it is 8 or less).
         importance_scores: per block, the damage of dropping it alone (higher = more important),
             as measured by :meth:`measure_block_importance`. Without scores blocks are dropped
             deepest first, keeping the last block for last: ``n-2, n-3, ..., p, n-1``.
@@ -174,6 +179,7 @@ class AdaptiveModel:
         *,
         knob_space: KnobSpace | None = None,
         tier_pixels: dict[str, int] | None = None,
+        tier_crops: dict[str, int] | None = None,
         importance_scores: Sequence[float] | None = None,
         name_or_path: str | None = None,
     ) -> None:
@@ -208,14 +214,16 @@ class AdaptiveModel:
             self.default_top_k = int(first.top_k)
             self.num_experts = int(getattr(first, "num_experts", first.weight.shape[0]))
 
+        self._check_tier_mode(tier_pixels, tier_crops)
         self.tier_pixels = self._default_tier_pixels(tier_pixels, knob_space)
+        self.tier_crops = self._default_tier_crops(tier_crops, knob_space)
         if knob_space is None:
             knob_space = KnobSpace.from_model(
                 self.num_blocks,
                 default_top_k=self.default_top_k,
                 num_experts=self.num_experts,
                 has_vision=self.vision_tower is not None,
-                tiers=tuple(self.tier_pixels) if self.tier_pixels else None,
+                tiers=tuple(self.tier_settings) if self.tier_settings else None,
             )
         self._check_space(knob_space)
         self.knob_space = knob_space
@@ -232,14 +240,14 @@ class AdaptiveModel:
     def from_pretrained(cls, name_or_path: str, *, processor: Any = None, **kwargs: Any) -> "AdaptiveModel":
         """Load a model (and its processor) with transformers' Auto classes, plus saved knob settings.
 
-        ``kwargs`` go to the model's ``from_pretrained`` except ``knob_space``, ``tier_pixels`` and
-        ``importance_scores``, which go to the wrapper (they override what was saved).
+        ``kwargs`` go to the model's ``from_pretrained`` except ``knob_space``, ``tier_pixels``,
+        ``tier_crops`` and ``importance_scores``, which go to the wrapper (they override what was saved).
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
         from .processing import load_processor
 
-        own = {k: kwargs.pop(k) for k in ("knob_space", "tier_pixels", "importance_scores") if k in kwargs}
+        own = {k: kwargs.pop(k) for k in ("knob_space", "tier_pixels", "tier_crops", "importance_scores") if k in kwargs}
         saved: dict[str, Any] = {}
         local = os.path.join(name_or_path, ADAPTIVE_CONFIG_NAME)
         if os.path.isfile(local):
@@ -263,7 +271,7 @@ class AdaptiveModel:
         settings: dict[str, Any] = {}
         if "knob_space" in saved:
             settings["knob_space"] = KnobSpace.from_dict(saved["knob_space"])
-        for key in ("tier_pixels", "importance_scores"):
+        for key in ("tier_pixels", "tier_crops", "importance_scores"):
             if saved.get(key) is not None:
                 settings[key] = saved[key]
         settings.update(own)
@@ -284,25 +292,56 @@ class AdaptiveModel:
             "model_type": self.config.model_type,
             "knob_space": self.knob_space.to_dict(),
             "tier_pixels": self.tier_pixels,
+            "tier_crops": self.tier_crops,
             "importance_scores": self.importance_scores,
         }
 
-    def _default_tier_pixels(self, tier_pixels: dict[str, int] | None, knob_space: KnobSpace | None) -> dict[str, int] | None:
+    @property
+    def tier_settings(self) -> dict[str, int] | None:
+        """The processor setting of each tier (pixels or crops, per the architecture), cheapest first."""
+        return self.tier_crops if self.arch.tier_mode == "crops" else self.tier_pixels
+
+    def _check_tier_mode(self, tier_pixels: dict[str, int] | None, tier_crops: dict[str, int] | None) -> None:
+        given = {"pixels": tier_pixels, "crops": tier_crops}
         if self.vision_tower is None:
-            if tier_pixels:
-                raise ValueError("tier_pixels given for a model without a vision tower (it has no 'tier' knob)")
+            for mode, values in given.items():
+                if values:
+                    raise ValueError(f"tier_{mode} given for a model without a vision tower (it has no 'tier' knob)")
+            return
+        if self.arch.tier_mode not in given:
+            raise ValueError(f"tier mode {self.arch.tier_mode!r} of {self.config.model_type} is not supported (known: 'pixels', 'crops')")
+        for mode, values in given.items():
+            if values is not None and mode != self.arch.tier_mode:
+                raise ValueError(
+                    f"tier_{mode} given, but {self.config.model_type} sets its tiers by {self.arch.tier_mode}: "
+                    f"pass tier_{self.arch.tier_mode}=... instead"
+                )
+
+    def _tier_image_processor(self, argument: str) -> Any:
+        image_processor = getattr(self.processor, "image_processor", None)
+        if image_processor is None:
+            raise ValueError(
+                "a vision-language model needs its processor (with an image_processor) for the 'tier' knob; "
+                f"pass processor=... or {argument}=..."
+            )
+        return image_processor
+
+    @staticmethod
+    def _check_tier_values(argument: str, values: dict[str, int], knob_space: KnobSpace | None) -> dict[str, int]:
+        if knob_space is not None and tuple(values) != tuple(knob_space.tiers):
+            raise ValueError(f"{argument} names {list(values)} differ from the knob space's tiers {list(knob_space.tiers)}")
+        settings = list(values.values())
+        if any(v <= 0 for v in settings) or settings != sorted(settings):
+            raise ValueError(f"{argument} must be positive and increasing from the cheapest tier, got {values}")
+        return values
+
+    def _default_tier_pixels(self, tier_pixels: dict[str, int] | None, knob_space: KnobSpace | None) -> dict[str, int] | None:
+        if self.vision_tower is None or self.arch.tier_mode != "pixels":
             return None
-        if self.arch.tier_mode != "pixels":
-            raise ValueError(f"tier mode {self.arch.tier_mode!r} of {self.config.model_type} is not supported")
         if tier_pixels is not None:
             pixels = {str(k): int(v) for k, v in tier_pixels.items()}
         else:
-            image_processor = getattr(self.processor, "image_processor", None)
-            if image_processor is None:
-                raise ValueError(
-                    "a vision-language model needs its processor (with an image_processor) for the 'tier' knob; "
-                    "pass processor=... or tier_pixels=..."
-                )
+            image_processor = self._tier_image_processor("tier_pixels")
             full = int(image_processor.size["longest_edge"])
             factor = int(image_processor.patch_size * image_processor.merge_size)
             pixels = {
@@ -310,12 +349,21 @@ class AdaptiveModel:
                 "medium": min(1024 * factor * factor, full // 4),
                 "high": full,
             }
-        if knob_space is not None and tuple(pixels) != tuple(knob_space.tiers):
-            raise ValueError(f"tier_pixels names {list(pixels)} differ from the knob space's tiers {list(knob_space.tiers)}")
-        values = list(pixels.values())
-        if any(v <= 0 for v in values) or values != sorted(values):
-            raise ValueError(f"tier_pixels must be positive and increasing from the cheapest tier, got {pixels}")
-        return pixels
+        return self._check_tier_values("tier_pixels", pixels, knob_space)
+
+    def _default_tier_crops(self, tier_crops: dict[str, int] | None, knob_space: KnobSpace | None) -> dict[str, int] | None:
+        if self.vision_tower is None or self.arch.tier_mode != "crops":
+            return None
+        if tier_crops is not None:
+            crops = {str(k): int(v) for k, v in tier_crops.items()}
+        else:
+            image_processor = self._tier_image_processor("tier_crops")
+            full = int(getattr(image_processor, self.arch.tier_kwarg or "max_crops", None) or 15)
+            if full > 8:  # the research system: low 1-3, medium 4-8, high 9-15 crops
+                crops = {"low": 3, "medium": 8, "high": full}
+            else:
+                crops = {"low": max(1, full // 4), "medium": max(1, full // 2), "high": full}
+        return self._check_tier_values("tier_crops", crops, knob_space)
 
     def _check_space(self, space: KnobSpace) -> None:
         if space.num_blocks != self.num_blocks:
@@ -472,10 +520,16 @@ class AdaptiveModel:
 
     # ------------------------------------------------------------------ inputs
     def tier_processor_kwargs(self, tier: str | None) -> dict[str, Any]:
-        """Processor call arguments that apply ``tier`` (empty for the full tier)."""
-        if tier is None or self.tier_pixels is None:
+        """Processor call arguments that apply ``tier`` (empty when no tier is given).
+
+        Pixel tiers set the image processor's ``size`` budget; crop tiers set its crop cap
+        (``max_crops=n`` for Molmo2). The full tier passes the processor's own setting.
+        """
+        if tier is None or not self.tier_settings:
             return {}
         self.knob_space.check_value("tier", tier)
+        if self.arch.tier_mode == "crops":
+            return {self.arch.tier_kwarg or "max_crops": self.tier_crops[tier]}
         image_processor = self.processor.image_processor
         pixels = self.tier_pixels[tier]
         shortest = min(int(image_processor.size["shortest_edge"]), pixels)
@@ -520,8 +574,15 @@ class AdaptiveModel:
         return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in dict(enc).items()}
 
     def num_vision_tokens(self, inputs: dict[str, Any]) -> int:
-        """Vision tokens per prompt in prepared inputs (0 for text-only inputs)."""
+        """Vision tokens of the first prompt in prepared inputs (0 for text-only inputs).
+
+        Counts the placeholder tokens the vision features fill: Qwen-VL's ``image_token_id``,
+        Molmo2's ``<im_patch>`` (``image_patch_id``; one per pooled patch of every crop, the
+        low-resolution overview included).
+        """
         token_id = getattr(self.config, "image_token_id", None)
+        if token_id is None:
+            token_id = getattr(self.config, "image_patch_id", None)
         if token_id is None or "input_ids" not in inputs:
             return 0
         return int((inputs["input_ids"][0] == token_id).sum())

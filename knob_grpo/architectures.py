@@ -24,7 +24,11 @@ class ArchitectureSpec:
             ``None`` means "read the router's own ``norm_topk_prob``" (OLMoE: no renormalisation,
             as in MolmoE).
         vision_tower: path to the vision encoder (``None`` for text-only models).
-        tier_mode: how a tier reaches the processor: ``"pixels"`` (Qwen-VL ``max_pixels``).
+        tier_mode: how a tier reaches the processor: ``"pixels"`` (Qwen-VL pixel budget, passed as
+            ``size={"shortest_edge", "longest_edge"}``) or ``"crops"`` (Molmo-style crop budget,
+            passed as the image processor option named by ``tier_kwarg``).
+        tier_kwarg: for ``tier_mode="crops"``, the image-processor option (both its attribute and
+            the per-call keyword) that caps the number of crops per image.
         stateful_attributes: module attributes transformers itself writes during ``forward``; the
             wrapper saves and restores them so a call leaves the model as it found it, and
             serialises calls on such models (the attribute is shared between threads).
@@ -35,6 +39,7 @@ class ArchitectureSpec:
     renormalize_topk: bool | None = None
     vision_tower: str | None = None
     tier_mode: str | None = None
+    tier_kwarg: str | None = None
     stateful_attributes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -44,6 +49,12 @@ _QWEN_VL = dict(
     vision_tower="model.visual",
     tier_mode="pixels",
     stateful_attributes=("model.rope_deltas",),
+)
+_MOLMO2 = dict(
+    layers="model.language_model.layers",
+    vision_tower="model.vision_tower",
+    tier_mode="crops",
+    tier_kwarg="max_crops",
 )
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
@@ -63,6 +74,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "qwen2_vl": ArchitectureSpec(**_QWEN_VL),
     "qwen2_5_vl": ArchitectureSpec(**_QWEN_VL),
     "qwen3_vl": ArchitectureSpec(**_QWEN_VL),
+    "molmo2": ArchitectureSpec(**_MOLMO2),  # dense language model (Qwen3 / OLMo blocks): no top_k
 }
 
 

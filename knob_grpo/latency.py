@@ -828,10 +828,11 @@ def write_json(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
 def pareto_series(
     rows: Sequence[Mapping[str, Any]], latency_key: str = "mean_latency_ms"
 ) -> dict[str, list[tuple[float, float]]]:
-    """Group result rows into ``{method: [(latency, accuracy), ...]}`` for :func:`plot_pareto`."""
-    series: dict[str, list[tuple[float, float]]] = {}
+    """Group result rows into ``{method: [(latency, accuracy, budget), ...]}`` for :func:`plot_pareto`."""
+    series: dict[str, list[tuple[float, float, float]]] = {}
     for row in _check_rows(rows):
-        series.setdefault(str(row["method"]), []).append((float(row[latency_key]), float(row["accuracy"])))
+        point = (float(row[latency_key]), float(row["accuracy"]), float(row["budget_ms"]))
+        series.setdefault(str(row["method"]), []).append(point)
     return series
 
 
@@ -853,8 +854,9 @@ def plot_pareto(
     """Plot accuracy (y) against latency (x), one line with markers per method, to a PNG.
 
     ``series`` maps a method name ("controller", "lookup table", "full model", "oracle", or any
-    other) to its ``(latency_ms, accuracy)`` points; points are joined in latency order. Budgets
-    are drawn as labelled vertical dashed lines.
+    other) to its ``(latency_ms, accuracy)`` points, or ``(latency_ms, accuracy, budget_ms)`` to
+    label each point with the budget it was run at; points are joined in latency order. Budgets
+    are drawn as labelled vertical dashed lines; accuracy runs from 0 to 1.
     """
     import matplotlib
 
@@ -869,17 +871,23 @@ def plot_pareto(
         for i, budget in enumerate(budgets):
             ax.axvline(budget, color="0.55", linestyle="--", linewidth=1, zorder=1, label="budget" if i == 0 else None)
         for method, points in series.items():
-            pts = sorted((_check_latency(x, f"latency of {method!r}"), float(y)) for x, y in points)
+            pts = sorted((_check_latency(p[0], f"latency of {method!r}"), float(p[1]), *p[2:3]) for p in points)
             if not pts:
                 raise ValueError(f"series {method!r} has no points")
             style = _STYLES.get(method, {"marker": "o"})
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method, linewidth=1.8, markersize=6, zorder=3, **style)
+            if method == "controller":  # which point is which budget
+                for p in pts:
+                    if len(p) > 2:
+                        ax.annotate(f"{p[2]:g}", (p[0], p[1]), textcoords="offset points", xytext=(4, 5), fontsize=7,
+                                    color=style.get("color", "0.2"))
         # Budget values along the top edge, in axis-fraction y so they stay inside the frame.
         for budget in budgets:
             ax.text(budget, 1.01, f"{budget:g} ms", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
                     fontsize=8, color="0.35")
         ax.set_xlabel(latency_label)
         ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.03, 1.05)
         ax.set_title(title, pad=16)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", framealpha=0.9)
