@@ -46,8 +46,6 @@ def build(which: str):
             return AdaptiveModel(*tiny_vlm(moe=True, num_layers=8))
     import transformers as tf
 
-    from tiny import CHAT_TEMPLATE, tiny_tokenizer
-
     model, processor = tiny_vlm(moe=True, num_layers=8)  # a larger CPU-sized one of the same kind
     torch.manual_seed(0)
     config = model.config
@@ -55,7 +53,6 @@ def build(which: str):
     config.text_config.num_attention_heads, config.text_config.num_key_value_heads, config.text_config.head_dim = 8, 4, 32
     config.text_config.num_hidden_layers, config.text_config.num_experts = 12, 16
     config.vision_config.out_hidden_size = 256
-    del tiny_tokenizer, CHAT_TEMPLATE
     big = tf.Qwen3VLMoeForConditionalGeneration(config).eval()
     big.generation_config.pad_token_id, big.generation_config.eos_token_id = 0, 2
     return AdaptiveModel(big, processor)
@@ -67,10 +64,15 @@ def trainer_for(executor: AdaptiveModel, mode: str, out: str) -> KnobGRPOTrainer
     controller = TwoStageController.for_executor(executor, stage2_mode=stage2_mode, budget_range=(10.0, 100.0))
     profile = LatencyProfile(device="bench", executor=executor.name_or_path, ttft_coef=dict.fromkeys(TTFT_FEATURES, 0.01),
                              decode_coef=dict.fromkeys(DECODE_FEATURES, 0.01))
-    args = KnobGRPOConfig(output_dir=out, num_generations=G, per_device_train_batch_size=2 * G, max_completion_length=4,
+    args = KnobGRPOConfig(output_dir=out, num_generations=G, per_device_train_batch_size=2 * G, max_completion_length=2,
                           budget_min_ms=10.0, budget_max_ms=100.0, rollout_mode=rollout, report_to="none")
-    return KnobGRPOTrainer(controller, executor, [lambda completions, **kw: [0.0] * len(completions)], args=args,
-                           latency_profile=profile)
+    from datasets import Dataset
+
+    def zero_reward(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    return KnobGRPOTrainer(controller, executor, [zero_reward], args=args, latency_profile=profile,
+                           train_dataset=Dataset.from_dict({"prompt": ["unused"] * (2 * G)}))
 
 
 def rows(executor: AdaptiveModel) -> list[dict]:
@@ -79,7 +81,7 @@ def rows(executor: AdaptiveModel) -> list[dict]:
     questions = ["what is the colour of the shape ?", "how many dots ?"]
     out = []
     for i, q in enumerate(questions):
-        image = tiny_image(i, size=224) if executor.vision_tower is not None else None
+        image = tiny_image(i, size=112) if executor.vision_tower is not None else None
         out += [dict(prompt=q, image=image, budget=50.0) for _ in range(G)]
     return out
 
@@ -114,7 +116,7 @@ def peak_increase_kb(which: str, mode: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     headline = []

@@ -36,13 +36,18 @@ class ScriptArguments:
     dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
     question_column: str = field(default="question", metadata={"help": "Column with the question text."})
     answer_column: str = field(default="answer", metadata={"help": "Column with the reference answer."})
-    train_samples: int = field(default=512, metadata={"help": "Training rows used."})
-    profile_samples: int = field(default=16, metadata={"help": "Rows used to fit the latency profile and to build the lookup table."})
-    profile_configs: int = field(default=24, metadata={"help": "Knob configurations profiled and swept (random, with the full and the cheapest)."})
-    eval_samples: int = field(default=64, metadata={"help": "Rows evaluated per budget."})
+    train_samples: int = field(default=256, metadata={"help": "Training rows used."})
+    profile_samples: int = field(default=6, metadata={"help": "Rows used to fit the latency profile and to build the lookup table."})
+    profile_configs: int = field(default=16, metadata={"help": "Knob configurations profiled and swept (random, with the full and the cheapest)."})
+    eval_samples: int = field(default=48, metadata={"help": "Rows evaluated per budget."})
     eval_budgets: list[float] | None = field(default=None, metadata={"help": "Budgets (ms) of the sweep; default: 5 across the budget range."})
     stage2_mode: str = field(default="latency_token", metadata={"help": "'latency_token' or 'prompt'."})
     budget_range_from_profile: bool = field(default=True, metadata={"help": "Set the budget range from the profiled cheapest and full latency."})
+    random_executor: bool = field(
+        default=False,
+        metadata={"help": "Use the embedded architecture with randomly initialised weights: the whole pipeline runs "
+                  "(profile, training, evaluation) without pretrained weights, but accuracies are meaningless."},
+    )
 
 
 def load_data(script: ScriptArguments, image_column: str):
@@ -80,7 +85,12 @@ def budget_range(records, target: str) -> tuple[float, float]:
 
 def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
     state = PartialState()
-    if script.model_name_or_path is None:
+    if script.random_executor:
+        from knob_grpo.embedded import TIER_PIXELS, build_model, build_processor, knob_space
+
+        executor = AdaptiveModel(build_model(seed=args.seed), build_processor(), knob_space=knob_space(),
+                                 tier_pixels=dict(TIER_PIXELS), name_or_path="knob_grpo/embedded (random weights)")
+    elif script.model_name_or_path is None:
         from knob_grpo.embedded import load_embedded_adaptive
 
         executor = load_embedded_adaptive()
@@ -93,7 +103,7 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
     # (measured once, on the main process, and shared: every process must reward with the same profile)
     shared = [None, None, None]
     if state.is_main_process:
-        records = profile_executor(executor, list(profile_data), configs=script.profile_configs)
+        records = profile_executor(executor, list(profile_data), configs=script.profile_configs, repeats=2)
         shared = [records, *fit_profile(executor, records=records)]
     broadcast_object_list(shared)
     records, profile, report = shared

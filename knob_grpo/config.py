@@ -26,12 +26,14 @@ class KnobGRPOConfig(GRPOConfig):
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Not useful for a small MLP policy."})
     bf16: bool | None = field(default=False, metadata={"help": "The controller trains in float32."})
     num_generations: int | None = field(default=8, metadata={"help": "Group size G: knob tuples sampled per prompt and budget."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Rows per device and step (prompts x G)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training prompts."})
     max_completion_length: int | None = field(default=8, metadata={"help": "max_new_tokens of the executor's generate."})
     scale_rewards: str = field(
         default="batch",
         metadata={"help": "'batch' (default), 'group' or 'none': what the group-centred rewards are divided by."},
     )
-    logging_steps: float = field(default=1, metadata={"help": "Log every this many steps."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Logging backends (TRL's usual ones)."})
     save_strategy: str = field(default="no", metadata={"help": "When to save checkpoints ('no', 'steps', 'epoch')."})
     use_cpu: bool = field(
@@ -88,5 +90,3 @@ class KnobGRPOConfig(GRPOConfig):
             raise ValueError(f"latency_target={self.latency_target!r}; allowed: 'ttft', 'end_to_end'")
         if self.rollout_mode not in ("auto", "naive", "fused"):
             raise ValueError(f"rollout_mode={self.rollout_mode!r}; allowed: 'auto', 'naive', 'fused'")
-        if self.rollout_mode == "fused" and self.latency_source == "measured":
-            raise ValueError("rollout_mode='fused' needs a latency profile: with measured latency each configuration is timed alone")

@@ -111,6 +111,19 @@ class LatencyMeasurement:
     total_ms: float
     num_new_tokens: int
 
+    @classmethod
+    def median(cls, runs: Sequence["LatencyMeasurement"]) -> "LatencyMeasurement":
+        """Field-by-field median of repeated measurements of one configuration."""
+        if len(runs) == 1:
+            return runs[0]
+        return cls(
+            ttft_ms=statistics.median(r.ttft_ms for r in runs),
+            decode_ms=statistics.median(r.decode_ms for r in runs),
+            decode_ms_per_token=statistics.median(r.decode_ms_per_token for r in runs),
+            total_ms=statistics.median(r.total_ms for r in runs),
+            num_new_tokens=statistics.median_low(r.num_new_tokens for r in runs),
+        )
+
     def for_target(self, target: str) -> float:
         """The latency a budget is compared with: ``"ttft"`` or ``"end_to_end"`` (``total_ms``)."""
         return self.ttft_ms if _check_target(target) == "ttft" else self.total_ms
@@ -234,14 +247,7 @@ class LatencyMeter:
         """
         for _ in range(self.warmup):
             self.measure_once(generate_fn)
-        runs = [self.measure_once(generate_fn) for _ in range(self.repeats)]
-        return LatencyMeasurement(
-            ttft_ms=statistics.median(r.ttft_ms for r in runs),
-            decode_ms=statistics.median(r.decode_ms for r in runs),
-            decode_ms_per_token=statistics.median(r.decode_ms_per_token for r in runs),
-            total_ms=statistics.median(r.total_ms for r in runs),
-            num_new_tokens=statistics.median_low(r.num_new_tokens for r in runs),
-        )
+        return LatencyMeasurement.median([self.measure_once(generate_fn) for _ in range(self.repeats)])
 
     def budget_latency(self, measurement: LatencyMeasurement) -> float:
         """The number this meter's budget target compares with a budget."""

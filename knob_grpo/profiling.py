@@ -203,15 +203,7 @@ def _progress_bar(enabled: bool, total: int, desc: str) -> Any:
 
 def _median_measurement(runs: Sequence[LatencyMeasurement]) -> LatencyMeasurement:
     """Per-field medians, as :meth:`LatencyMeter.measure` aggregates its repeats."""
-    if len(runs) == 1:
-        return runs[0]
-    return LatencyMeasurement(
-        ttft_ms=statistics.median(r.ttft_ms for r in runs),
-        decode_ms=statistics.median(r.decode_ms for r in runs),
-        decode_ms_per_token=statistics.median(r.decode_ms_per_token for r in runs),
-        total_ms=statistics.median(r.total_ms for r in runs),
-        num_new_tokens=statistics.median_low(r.num_new_tokens for r in runs),
-    )
+    return LatencyMeasurement.median(runs)
 
 
 def _check_count(name: str, value: Any, minimum: int) -> int:
