@@ -200,7 +200,7 @@ class KnobGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ one generation batch
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        args, space, executor = self.args, self.knob_space, self.executor
+        args, executor = self.args, self.executor
         mode = "train" if self.model.training else "eval"
         device = self.accelerator.device
         controller: TwoStageController = self.accelerator.unwrap_model(self.model)

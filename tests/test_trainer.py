@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 from tiny import tiny_text_model
 
-from knob_grpo import AdaptiveModel, KnobGRPOConfig, KnobGRPOTrainer, Knobs, TwoStageController
+from knob_grpo import AdaptiveModel, KnobGRPOConfig, KnobGRPOTrainer, TwoStageController
 from knob_grpo.controller import prompt_features
 from knob_grpo.latency import DECODE_FEATURES, TTFT_FEATURES, LatencyProfile
 from knob_grpo.trainer import RewardFunctionError

@@ -1,0 +1,271 @@
+"""The embedded visual task: procedurally drawn images with four question types.
+
+Every example is a 224x224 RGB image drawn with PIL, a one-sentence question and a one-word
+answer. The four question types need different knobs (DESIGN §2), so the best configuration
+depends on the request and not only on the budget. Fine detail is drawn aligned to the high
+tier's patch grid (8 px patches, 16 px merged tokens), and spread over many patches: a tiny model
+trained from scratch for minutes learns such textures at once, while detail confined to a single
+patch (a small glyph) or exact counting of small dots stayed at chance in the same budget.
+
+``colour``  "what colour is the big shape ?" -> red / green / blue / yellow / purple / orange.
+    One large shape (70-120 px) on a light background. Survives any downscaling: the low tier
+    (64x64 pixels, 16 vision tokens) suffices and the answer needs little depth.
+``pattern`` "what pattern is in the square ?" -> rows / columns / diagonal / checks.
+    A 48 or 64 px square filled with a two-tone texture of period 4 px and 50% ink (stripes along
+    rows, columns or the diagonal, or a 2 px checkerboard) in random colours. Square and texture
+    are aligned to the 16 px grid of merged patches, so at the high tier every patch inside the
+    square shows the same pixels and a linear patch embedding can tell the textures apart (a tiny
+    model trained for minutes does not learn phase-invariant texture detectors). The high tier
+    (224x224, 196 vision tokens) shows it plainly; the medium tier (128x128, period 2.3 px) keeps
+    rows and columns but blurs checks and diagonals into moire; at the low tier (64x64, 16 vision
+    tokens) every texture averages to the same flat colour: chance.
+``stripes`` "how thick are the stripes ?" -> thin / medium / thick.
+    A 48 or 64 px square of horizontal or vertical stripes with a period of 2, 4 or 8 px (half
+    ink), aligned to the patch grid. Graded: the low tier keeps only the thick stripes (2.3 px
+    period there; thin and medium ones average to the same flat colour), the medium tier keeps
+    medium and thick ones, the high tier all three.
+``compare`` "are there more red or blue shapes ?" -> red / blue.
+    3-7 medium-sized red and blue shapes (the counts differ by 1 or 2). Every shape is visible at the
+    low tier, but the answer needs counting two sets and comparing them, a multi-step relation that
+    leans on depth (dropped blocks, fewer experts).
+
+Determinism: example ``i`` of a split is drawn from ``numpy.random.default_rng([SPLIT_SEEDS[split], i])``
+and its question type is ``QUESTION_TYPES[i % 4]`` (so every split is balanced). The splits use
+different seeds, and every image carries continuous random positions and sizes, so no two examples
+coincide (``tests/test_embedded.py`` checks the content hashes of the splits against each other);
+:func:`make_task_dataset` can also drop, on request, any example identical to one of the first
+:data:`DEFAULT_SIZES` ``["train"]`` training examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 224
+QUESTION_TYPES: tuple[str, ...] = ("colour", "pattern", "stripes", "compare")
+SPLIT_SEEDS: dict[str, int] = {"train": 1_000, "validation": 2_000, "test": 3_000}
+DEFAULT_SIZES: dict[str, int] = {"train": 20_000, "validation": 400, "test": 800}
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 205, 30),
+    "purple": (150, 60, 190),
+    "orange": (245, 140, 30),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+PATTERNS: tuple[str, ...] = ("rows", "columns", "diagonal", "checks")
+PATTERN_PERIODS: tuple[int, ...] = (4,)
+STRIPES: tuple[str, ...] = ("thin", "medium", "thick")
+STRIPE_PERIODS: dict[str, int] = {"thin": 2, "medium": 4, "thick": 8}
+
+QUESTIONS: dict[str, str] = {
+    "colour": "what colour is the big shape ?",
+    "pattern": "what pattern is in the square ?",
+    "stripes": "how thick are the stripes ?",
+    "compare": "are there more red or blue shapes ?",
+}
+ANSWERS: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLOURS),
+    "pattern": PATTERNS,
+    "stripes": STRIPES,
+    "compare": ("red", "blue"),
+}
+
+
+def task_words() -> list[str]:
+    """Every word a question or an answer uses (the tokenizer's ordinary vocabulary)."""
+    words: list[str] = []
+    for text in list(QUESTIONS.values()) + [a for answers in ANSWERS.values() for a in answers]:
+        for w in text.split():
+            if w not in words:
+                words.append(w)
+    return words
+
+
+# ---------------------------------------------------------------------------------------- drawing
+def _background(rng: np.random.Generator) -> Image.Image:
+    shade = int(rng.integers(232, 256))
+    tint = rng.integers(-6, 7, size=3)
+    colour = tuple(int(np.clip(shade + t, 0, 255)) for t in tint)
+    return Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), colour)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, size: float, fill) -> None:
+    r = size / 2
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:  # triangle
+        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.85), (cx + r, cy + r * 0.85)], fill=fill)
+
+
+def _draw_colour(rng: np.random.Generator) -> tuple[Image.Image, str]:
+    img = _background(rng)
+    draw = ImageDraw.Draw(img)
+    colour = ANSWERS["colour"][int(rng.integers(len(COLOURS)))]
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    size = float(rng.uniform(70, 120))
+    cx, cy = rng.uniform(size / 2 + 4, IMAGE_SIZE - size / 2 - 4, size=2)
+    _draw_shape(draw, shape, float(cx), float(cy), size, COLOURS[colour])
+    for _ in range(int(rng.integers(0, 5))):  # tiny grey clutter
+        x, y = rng.uniform(4, IMAGE_SIZE - 4, size=2)
+        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(90, 90, 90))
+    return img, colour
+
+
+def _draw_stripes(rng: np.random.Generator) -> tuple[Image.Image, str]:
+    img = _background(rng)
+    width = STRIPES[int(rng.integers(len(STRIPES)))]
+    period = STRIPE_PERIODS[width]
+    side = int(rng.choice([48, 64]))
+    x0 = int(rng.integers(1, (IMAGE_SIZE - side) // 16)) * 16
+    y0 = int(rng.integers(1, (IMAGE_SIZE - side) // 16)) * 16
+    ink = np.array([int(v) for v in rng.integers(0, 70, size=3)], dtype=np.uint8)
+    paper = np.array([int(v) for v in rng.integers(200, 256, size=3)], dtype=np.uint8)
+    yy, xx = np.mgrid[0:side, 0:side]
+    coord = yy if rng.random() < 0.5 else xx
+    on = (coord % period) < period // 2
+    arr = np.array(img)
+    arr[y0 : y0 + side, x0 : x0 + side] = np.where(on[..., None], ink, paper)
+    img = Image.fromarray(arr)
+    ImageDraw.Draw(img).rectangle([x0 - 1, y0 - 1, x0 + side, y0 + side], outline=tuple(int(v) for v in ink), width=1)
+    return img, width
+
+
+def _draw_compare(rng: np.random.Generator) -> tuple[Image.Image, str]:
+    img = _background(rng)
+    draw = ImageDraw.Draw(img)
+    while True:
+        n_red = int(rng.integers(1, 6))
+        n_blue = int(rng.integers(1, 6))
+        if 1 <= abs(n_red - n_blue) <= 2 and 3 <= n_red + n_blue <= 7:
+            break
+    colours = ["red"] * n_red + ["blue"] * n_blue
+    placed: list[tuple[float, float, float]] = []
+    for colour in colours:
+        for _ in range(500):
+            size = float(rng.uniform(16, 26))
+            x, y = rng.uniform(size / 2 + 4, IMAGE_SIZE - size / 2 - 4, size=2)
+            if all(math.hypot(x - qx, y - qy) > (size + qs) / 2 + 6 for qx, qy, qs in placed):
+                break
+        placed.append((float(x), float(y), size))
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        _draw_shape(draw, shape, float(x), float(y), size, COLOURS[colour])
+    return img, "red" if n_red > n_blue else "blue"
+
+
+def _draw_pattern(rng: np.random.Generator) -> tuple[Image.Image, str]:
+    img = _background(rng)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(0, 4))):  # tiny grey clutter
+        x, y = rng.uniform(4, IMAGE_SIZE - 4, size=2)
+        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(90, 90, 90))
+    pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+    period = PATTERN_PERIODS[int(rng.integers(len(PATTERN_PERIODS)))]
+    side = int(rng.choice([48, 64]))
+    x0 = int(rng.integers(1, (IMAGE_SIZE - side) // 16)) * 16
+    y0 = int(rng.integers(1, (IMAGE_SIZE - side) // 16)) * 16
+    ink = np.array([int(v) for v in rng.integers(0, 70, size=3)], dtype=np.uint8)
+    paper = np.array([int(v) for v in rng.integers(200, 256, size=3)], dtype=np.uint8)
+    yy, xx = np.mgrid[0:side, 0:side]
+    half = period // 2
+    if pattern == "rows":
+        on = (yy % period) < half
+    elif pattern == "columns":
+        on = (xx % period) < half
+    elif pattern == "diagonal":
+        on = ((xx + yy) % period) < half
+    else:  # checks
+        on = ((xx // half) + (yy // half)) % 2 == 0
+    tile = np.where(on[..., None], ink, paper)
+    arr = np.array(img)
+    arr[y0 : y0 + side, x0 : x0 + side] = tile
+    img = Image.fromarray(arr)
+    ImageDraw.Draw(img).rectangle([x0 - 1, y0 - 1, x0 + side, y0 + side], outline=tuple(int(v) for v in ink), width=1)
+    return img, pattern
+
+
+_DRAWERS = {"colour": _draw_colour, "pattern": _draw_pattern, "stripes": _draw_stripes, "compare": _draw_compare}
+
+
+def make_example(split: str, index: int) -> dict[str, Any]:
+    """Example ``index`` of ``split``: ``{"image", "question", "prompt", "answer", "qtype", "uid"}``."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; splits are: {', '.join(SPLIT_SEEDS)}")
+    qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    rng = np.random.default_rng([SPLIT_SEEDS[split], index])
+    image, answer = _DRAWERS[qtype](rng)
+    question = QUESTIONS[qtype]
+    return {
+        "image": image,
+        "question": question,
+        "prompt": question,
+        "answer": answer,
+        "qtype": qtype,
+        "uid": f"{split}-{index}",
+    }
+
+
+def example_hash(example: dict[str, Any]) -> str:
+    """Content hash of an example (image pixels + question), used to check split disjointness."""
+    h = hashlib.sha1(example["image"].tobytes())
+    h.update(example["question"].encode())
+    return h.hexdigest()
+
+
+def iter_examples(split: str, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any]]:
+    i = start
+    while stop is None or i < stop:
+        yield make_example(split, i)
+        i += 1
+
+
+_TRAIN_HASHES: set[str] | None = None
+
+
+def _train_hashes(n: int) -> set[str]:
+    global _TRAIN_HASHES
+    if _TRAIN_HASHES is None:
+        _TRAIN_HASHES = {example_hash(e) for e in iter_examples("train", 0, n)}
+    return _TRAIN_HASHES
+
+
+def make_task_dataset(split: str, size: int | None = None, *, dedupe_against_train: bool = False):
+    """The ``split`` as a :class:`datasets.Dataset` (columns image, question, prompt, answer, qtype, uid).
+
+    ``size`` defaults to :data:`DEFAULT_SIZES` ``[split]``. The first ``size`` examples are the same
+    for every ``size`` (a smaller set is a prefix of a larger one). ``dedupe_against_train=True``
+    drops examples identical to one of the first ``DEFAULT_SIZES["train"]`` training examples
+    (hashing those takes ~30 s; none has ever matched).
+    """
+    import datasets
+
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; splits are: {', '.join(SPLIT_SEEDS)}")
+    size = DEFAULT_SIZES[split] if size is None else int(size)
+    rows: dict[str, list] = {k: [] for k in ("image", "question", "prompt", "answer", "qtype", "uid")}
+    seen = _train_hashes(DEFAULT_SIZES["train"]) if dedupe_against_train else set()
+    for ex in iter_examples(split, 0, size):
+        if seen and example_hash(ex) in seen:
+            continue
+        for k in rows:
+            rows[k].append(ex[k])
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "prompt": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "qtype": datasets.Value("string"),
+            "uid": datasets.Value("string"),
+        }
+    )
+    return datasets.Dataset.from_dict(rows, features=features)
