@@ -4,8 +4,9 @@ The seeds count 10 passes per group of 5 in naive latency-token mode (a partial 
 full generate per tuple) and 5 in prompt mode. Fused mode runs one partial forward per request and
 tier, up to the deepest p, and continues every tuple from its own p. All three use a latency
 profile as the reward's latency source (so no tuple needs timing alone) and are timed side by side,
-interleaved, in this one run. Peak memory is each mode's increase of the peak RSS of a fresh child
-process over the same process after loading the model.
+interleaved, in this one run. Peak memory: in a fresh child process per mode, after one warm-up
+batch, the peak RSS is reset (Linux ``/proc/self/clear_refs``) and the rise of the peak over the
+RSS before the next batch is that mode's working memory.
 
     python bench/rollout_cost.py          # < 1 minute
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -93,15 +93,23 @@ def step_time(trainer: KnobGRPOTrainer, batch: list[dict]) -> float:
     return time.perf_counter() - start
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1])
+
+
 def _peak_child(which: str, mode: str, queue) -> None:
     torch.set_num_threads(1)
     hf_logging.set_verbosity_error()
     executor = build(which)
     trainer = trainer_for(executor, mode, tempfile.mkdtemp())
     batch = rows(executor)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step_time(trainer, batch)  # first-call allocations (caches, kernels) are not the mode's working memory
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak RSS (VmHWM) to the current RSS
+        f.write("5")
     step_time(trainer, batch)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+    queue.put(_status_kb("VmHWM") - before)
 
 
 def peak_increase_kb(which: str, mode: str) -> int:

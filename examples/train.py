@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 from accelerate.utils import broadcast_object_list  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
 from knob_grpo import AdaptiveModel, KnobGRPOConfig, KnobGRPOTrainer, TwoStageController  # noqa: E402
 from knob_grpo.evaluation import evaluate_budgets  # noqa: E402
-from knob_grpo.profiling import fit_profile, profile_executor  # noqa: E402
-from knob_grpo.rewards import exact_match_reward, make_budget_reward  # noqa: E402
+from knob_grpo.profiling import fit_profile, measure_decision_overhead, profile_executor, suggest_budget_range  # noqa: E402
+from knob_grpo.rewards import exact_match_reward, make_budget_reward, within_budget  # noqa: E402
 
 
 @dataclass
@@ -36,13 +37,19 @@ class ScriptArguments:
     dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
     question_column: str = field(default="question", metadata={"help": "Column with the question text."})
     answer_column: str = field(default="answer", metadata={"help": "Column with the reference answer."})
-    train_samples: int = field(default=256, metadata={"help": "Training rows used."})
-    profile_samples: int = field(default=6, metadata={"help": "Rows used to fit the latency profile and to build the lookup table."})
-    profile_configs: int = field(default=16, metadata={"help": "Knob configurations profiled and swept (random, with the full and the cheapest)."})
-    eval_samples: int = field(default=48, metadata={"help": "Rows evaluated per budget."})
-    eval_budgets: list[float] | None = field(default=None, metadata={"help": "Budgets (ms) of the sweep; default: 5 across the budget range."})
+    train_samples: int = field(default=2048, metadata={"help": "Training prompts used (each gets num_generations knob tuples)."})
+    profile_samples: int = field(default=6, metadata={"help": "Rows of the profile split used to fit the latency profile."})
+    profile_configs: int = field(default=16, metadata={"help": "Knob configurations timed for the latency profile (random, with the full and the cheapest)."})
+    lookup_samples: int = field(default=48, metadata={"help": "Rows of the profile split the lookup table's static sweep runs on."})
+    sweep_configs: int | None = field(default=None, metadata={"help": "Configurations of the evaluation's static sweeps (lookup table, oracle); default: all."})
+    eval_samples: int = field(default=96, metadata={"help": "Rows evaluated per budget."})
+    budget_penalty: float = field(default=-0.5, metadata={"help": "Reward of a rollout over its budget (whose answer then counts "
+                                                          "for nothing): below a wrong answer in time (0)."})
+    eval_budgets: list[float] | None = field(default=None, metadata={"help": "Budgets (ms) of the sweep; default: 5, spaced geometrically over the budget range."})
     stage2_mode: str = field(default="latency_token", metadata={"help": "'latency_token' or 'prompt'."})
     budget_range_from_profile: bool = field(default=True, metadata={"help": "Set the budget range from the profiled cheapest and full latency."})
+    measure_decision_overhead: bool = field(
+        default=True, metadata={"help": "Measure the controller's decision time and add it to every rollout's latency."})
     random_executor: bool = field(
         default=False,
         metadata={"help": "Use the embedded architecture with randomly initialised weights: the whole pipeline runs "
@@ -54,7 +61,8 @@ def load_data(script: ScriptArguments, image_column: str):
     if script.dataset_name is None:
         from knob_grpo.embedded import make_task_dataset
 
-        return (make_task_dataset("train", script.train_samples), make_task_dataset("validation", script.profile_samples),
+        return (make_task_dataset("train", script.train_samples),
+                make_task_dataset("validation", max(script.profile_samples, script.lookup_samples)),
                 make_task_dataset("test", script.eval_samples))
     from datasets import load_dataset, load_from_disk
 
@@ -66,21 +74,9 @@ def load_data(script: ScriptArguments, image_column: str):
         part = data[split].select(range(min(n, len(data[split]))))
         return part.rename_columns({k: v for k, v in rename.items() if k != v and k in part.column_names})
 
-    return (take(script.dataset_train_split, script.train_samples), take(script.dataset_profile_split, script.profile_samples),
+    return (take(script.dataset_train_split, script.train_samples),
+            take(script.dataset_profile_split, max(script.profile_samples, script.lookup_samples)),
             take(script.dataset_test_split, script.eval_samples))
-
-
-def budget_range(records, target: str) -> tuple[float, float]:
-    """From the profiling sweep: a little above the cheapest configuration's median latency, to the full one's."""
-    def median(values):
-        values = sorted(values)
-        return values[len(values) // 2]
-
-    by_config: dict[str, list[float]] = {}
-    for r in records:
-        by_config.setdefault(str(r.knobs), []).append(r.ttft_ms if target == "ttft" else r.end_to_end_ms)
-    medians = sorted(median(v) for v in by_config.values())
-    return round(medians[0] * 1.05, 1), round(medians[-1] * 1.1, 1)
 
 
 def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
@@ -103,35 +99,53 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
     # (measured once, on the main process, and shared: every process must reward with the same profile)
     shared = [None, None, None]
     if state.is_main_process:
-        records = profile_executor(executor, list(profile_data), configs=script.profile_configs, repeats=2)
+        records = profile_executor(executor, list(profile_data)[: script.profile_samples], configs=script.profile_configs, repeats=2)
         shared = [records, *fit_profile(executor, records=records)]
     broadcast_object_list(shared)
     records, profile, report = shared
     if state.is_main_process:
         print(f"latency profile: held-out median error {report['ttft_mdape_pct']:.1f}% (time to first token), "
               f"{report['end_to_end_mdape_pct']:.1f}% (end to end)")
+    # the controller's own decision time is part of every request's latency: rollouts add it
+    def new_controller():
+        return TwoStageController.for_executor(executor, stage2_mode=script.stage2_mode,
+                                               budget_range=(args.budget_min_ms, args.budget_max_ms))
+
+    if script.measure_decision_overhead:
+        texts = [str(r["question"]) for r in profile_data][: script.profile_samples]
+        overhead = [measure_decision_overhead(executor, new_controller(), texts)
+                    if state.is_main_process else None]
+        broadcast_object_list(overhead)
+        args.decision_overhead_ms = round(overhead[0], 2)
     if script.budget_range_from_profile and records:
-        args.budget_min_ms, args.budget_max_ms = budget_range(records, args.latency_target)
+        args.budget_min_ms, args.budget_max_ms = suggest_budget_range(records, args.latency_target, args.decision_overhead_ms)
+    if state.is_main_process:
+        print(f"decision overhead {args.decision_overhead_ms:.2f} ms; budget range {args.budget_min_ms}-{args.budget_max_ms} ms")
 
     # 2. GRPO over knob tuples
-    controller = TwoStageController.for_executor(executor, stage2_mode=script.stage2_mode,
-                                                 budget_range=(args.budget_min_ms, args.budget_max_ms))
-    trainer = KnobGRPOTrainer(controller, executor, [exact_match_reward, make_budget_reward(penalty=-1.0)], args=args,
+    torch.manual_seed(args.seed)
+    controller = new_controller()
+    rewards = [within_budget(exact_match_reward), make_budget_reward(penalty=script.budget_penalty)]
+    trainer = KnobGRPOTrainer(controller, executor, rewards, args=args,
                               train_dataset=train, latency_profile=profile)
     trainer.train()
 
     # 3. the budget sweep, with measured latency, against the lookup table, the full model and the oracle
-    budgets = script.eval_budgets or [round(args.budget_min_ms + i * (args.budget_max_ms - args.budget_min_ms) / 4, 1) for i in range(5)]
+    budgets = script.eval_budgets or [round(args.budget_min_ms * (args.budget_max_ms / args.budget_min_ms) ** (i / 4), 1) for i in range(5)]
     if state.is_main_process:
-        result = evaluate_budgets(executor, controller, test, budgets, profile_dataset=profile_data, configs=script.profile_configs,
+        lookup_data = profile_data.select(range(min(script.lookup_samples, len(profile_data))))
+        result = evaluate_budgets(executor, controller, test, budgets, profile_dataset=lookup_data, configs=script.sweep_configs,
                                   max_new_tokens=args.max_completion_length, latency_target=args.latency_target,
                                   output_dir=args.output_dir)
         print(result.to_markdown())
         trainer.evaluation_markdown = result.to_markdown()
+    state.wait_for_everyone()  # the other processes wait here: one leaving early tears down the process group
     trainer.save_model(args.output_dir)
     trainer.create_model_card(model_name=os.path.basename(os.path.normpath(args.output_dir)))
     if args.push_to_hub:
         trainer.push_to_hub(dataset_name=script.dataset_name or "knob_grpo embedded task")
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":

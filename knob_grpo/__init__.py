@@ -1,4 +1,20 @@
-"""knob_grpo: latency-budgeted runtime knobs for MoE vision-language models, trained with GRPO on TRL."""
+"""knob_grpo: latency-budgeted runtime knobs for MoE vision-language models, trained with GRPO on TRL.
+
+The flow, one module per role:
+
+* :class:`KnobSpace` / :class:`Knobs` (``knobs``): the four knobs (``tier``, ``insertion_position``,
+  ``top_k``, ``num_active_blocks``), their options and constraints.
+* :class:`AdaptiveModel` (``adaptive``): a frozen transformers model whose ``generate`` runs in a
+  chosen knob configuration; ``prefill`` to block ``p`` and continue; per-architecture knowledge
+  in ``architectures``.
+* :class:`TwoStageController` (``controller``): request + budget -> knobs; a ``PreTrainedModel``.
+* ``latency`` / ``profiling``: measured latency, per-device latency profiles, decision overhead.
+* ``rewards``: TRL-signature reward functions (answer accuracy, budget).
+* :class:`KnobGRPOTrainer` / :class:`KnobGRPOConfig` (``trainer``, ``config``): GRPO over knob tuples.
+* :func:`evaluate_budgets` (``evaluation``): the budget sweep against the lookup table, the full
+  model and the oracle.
+* ``embedded``: the default executor and task that ``examples/train.py`` runs.
+"""
 
 from .adaptive import AdaptiveModel, ControlledGeneration, PrefixState
 from .architectures import ARCHITECTURES, ArchitectureSpec, register_architecture
@@ -7,7 +23,7 @@ from .controller import ControllerConfig, TwoStageController
 from .evaluation import EvaluationResult, evaluate_budgets
 from .knobs import KNOB_NAMES, Knobs, KnobSpace
 from .latency import LatencyMeasurement, LatencyMeter, LatencyProfile
-from .profiling import fit_profile, profile_executor
+from .profiling import fit_profile, measure_decision_overhead, profile_executor, suggest_budget_range
 from .trainer import KnobGRPOTrainer
 
 __version__ = "0.1.0"
@@ -31,7 +47,9 @@ __all__ = [
     "PrefixState",
     "evaluate_budgets",
     "fit_profile",
+    "measure_decision_overhead",
     "profile_executor",
     "register_architecture",
+    "suggest_budget_range",
     "__version__",
 ]

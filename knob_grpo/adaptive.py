@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -70,6 +71,9 @@ class _Active:
     dropped: frozenset[int]
     recording: _Recording | None = None
     replay: _Replay | None = None
+    # called once, with the hidden states entering block ``from_block`` in the prefill; returns the
+    # ``(top_k, dropped)`` that hold from there on (one-pass controller inference)
+    decide: Callable[[torch.Tensor], tuple[int | None, frozenset[int]]] | None = None
 
 
 class _StopPrefill(Exception):
@@ -242,8 +246,16 @@ class AdaptiveModel:
 
         ``kwargs`` go to the model's ``from_pretrained`` except ``knob_space``, ``tier_pixels``,
         ``tier_crops`` and ``importance_scores``, which go to the wrapper (they override what was saved).
+        ``"knob_grpo/embedded"`` is the package's committed embedded model (no download).
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+        from .embedded import EMBEDDED_NAME, load_embedded_adaptive
+
+        if name_or_path == EMBEDDED_NAME and not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            if processor is not None or kwargs:
+                raise ValueError(f"{EMBEDDED_NAME!r} is loaded as committed; it takes no processor or other arguments (got {sorted(kwargs)})")
+            return load_embedded_adaptive()
 
         from .processing import load_processor
 
@@ -703,6 +715,52 @@ class AdaptiveModel:
         rec = state.recording
         return PrefixState(tier=knobs.tier, insertion_position=p, inputs=inputs, hidden=rec.hidden, kv=rec.kv, vision_output=rec.vision_output)
 
+    @torch.no_grad()
+    def generate_with_decision(
+        self,
+        text: str | None = None,
+        images: Any = None,
+        *,
+        decide: Callable[[torch.Tensor], tuple[int | None, int | None]],
+        tier: str | None = None,
+        insertion_position: int | None = None,
+        **generate_kwargs: Any,
+    ) -> tuple[Any, Knobs]:
+        """One ``generate`` in which ``top_k`` and ``num_active_blocks`` are chosen at block ``p``.
+
+        The prompt runs at ``tier`` through blocks ``0..p-1`` at the full setting; entering block
+        ``p``, ``decide(latency_token)`` (the ``(1, hidden_size)`` hidden state of the last prompt
+        token, as :meth:`PrefixState.latency_token` gives it) returns ``(top_k, num_active_blocks)``,
+        which then hold for the rest of the prefill and every decode step. Same tokens as
+        ``prefill`` + ``generate(prefix=...)`` with those knobs, in one call of transformers'
+        ``generate`` (no second set-up of the generation loop). One prompt per call, since the
+        decision is per prompt. Returns ``(output, knobs)``. A knob value ``decide`` returns that
+        the knob space does not allow raises ``ValueError`` (and the model is left as it was).
+        With prepared tensors (``input_ids=...`` instead of ``text``) the returned knobs have
+        ``tier=None``: the tier is the one the tensors were prepared at.
+        """
+        knobs = self.resolve(tier=tier, insertion_position=insertion_position)
+        p = knobs.insertion_position or self.knob_space.insertion_positions[0]
+        inputs = self._split_inputs(text, images, tier, generate_kwargs)
+        if inputs["input_ids"].shape[0] != 1:
+            raise ValueError(f"generate_with_decision takes one prompt per call (the decision is per prompt); got {inputs['input_ids'].shape[0]}")
+        chosen: list[Knobs] = []
+
+        def at_block_p(hidden_states: torch.Tensor) -> tuple[int | None, frozenset[int]]:
+            top_k, num_active_blocks = decide(hidden_states[:, -1, :])
+            full = self.resolve(tier=knobs.tier, insertion_position=p, top_k=top_k, num_active_blocks=num_active_blocks)
+            # prepared tensors are at whatever tier they were prepared at, which this call cannot see
+            chosen.append(full if text is not None else dataclasses.replace(full, tier=None))
+            configured = self._state_for(full)
+            return configured.top_k, configured.dropped
+
+        state = _Active(top_k=None, from_block=p, dropped=frozenset(), decide=at_block_p)
+        with self._call_guard(), _activate(state):
+            output = self.model.generate(**inputs, **generate_kwargs)
+        if not chosen:  # pragma: no cover - only if the model never reached block p
+            raise RuntimeError(f"the generate never reached block {p}")
+        return output, chosen[0]
+
     def _generate_controlled(self, text: Any, images: Any, latency_budget: Any, controller: Any, generate_kwargs: dict[str, Any]) -> ControlledGeneration:
         if text is None:
             raise ValueError("generate with a controller needs the raw prompt text (and images)")
@@ -730,6 +788,9 @@ def _wrap_block(original: Callable[..., Any], index: int) -> Callable[..., Any]:
             if index == replay.insertion_position:
                 hidden_states = replay.hidden
                 replay.consumed = True
+        if state.decide is not None and index == state.from_block:
+            decide, state.decide = state.decide, None
+            state.top_k, state.dropped = decide(hidden_states)
         rec = state.recording
         if rec is not None:
             if index >= 1:

@@ -15,23 +15,36 @@ class KnobGRPOConfig(GRPOConfig):
     r"""Configuration of [`KnobGRPOTrainer`]: every ``GRPOConfig`` field, plus the knob-specific ones.
 
     The policy is a controller of about a million parameters, not a language model, so some TRL
-    defaults change: a larger learning rate, no gradient checkpointing, no bf16, TRL's
-    ``max_completion_length`` is the executor's ``max_new_tokens``, and rewards are scaled by the
-    batch's standard deviation (with ``"group"`` scaling, a group whose accuracies tie would turn
-    latency noise into large advantages; DESIGN §8).
+    defaults change: a larger learning rate, no gradient checkpointing, no bf16, a small entropy
+    bonus (a categorical policy this small otherwise turns deterministic within a few dozen steps,
+    before it has learned how the best tier depends on the budget), and TRL's
+    ``max_completion_length`` is the executor's ``max_new_tokens``. Rewards are scaled per group as
+    in TRL: a group whose tuples differ a little in accuracy (two tiers that both fit) then learns
+    as fast as one with budget violations. With measured latency and a reward that varies with the
+    latency itself (a slack bonus), prefer ``scale_rewards="batch"``: a group whose accuracies tie
+    would otherwise turn timing noise into large advantages (DESIGN §8).
     """
 
     # ---- TRL defaults that do not fit an MLP policy
-    learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the controller."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Not useful for a small MLP policy."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the controller."})
+    # Both unset: transformers then turns checkpointing off (TRL's default is on), without the
+    # deprecation warning that setting the old name gives.
+    activation_checkpointing: bool | None = field(default=None, metadata={"help": "Off when unset: not useful for a small MLP policy."})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of activation_checkpointing."})
     bf16: bool | None = field(default=False, metadata={"help": "The controller trains in float32."})
     num_generations: int | None = field(default=8, metadata={"help": "Group size G: knob tuples sampled per prompt and budget."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Rows per device and step (prompts x G)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training prompts."})
     max_completion_length: int | None = field(default=8, metadata={"help": "max_new_tokens of the executor's generate."})
     scale_rewards: str = field(
-        default="batch",
-        metadata={"help": "'batch' (default), 'group' or 'none': what the group-centred rewards are divided by."},
+        default="group",
+        metadata={"help": "'group' (default), 'batch' or 'none': what the group-centred rewards are divided by (the "
+                  "group's or the batch's standard deviation). Prefer 'batch' when rewards carry timing noise."},
+    )
+    entropy_coef: float = field(
+        default=0.02,
+        metadata={"help": "Weight of the policy's mean per-decision entropy, subtracted from the loss: keeps the "
+                  "controller exploring while it learns how the best knobs depend on the budget."},
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Logging backends (TRL's usual ones)."})
@@ -52,10 +65,12 @@ class KnobGRPOConfig(GRPOConfig):
     budget_min_ms: float = field(default=170.0, metadata={"help": "Lower end of the budget range in ms (research system: 170)."})
     budget_max_ms: float = field(default=380.0, metadata={"help": "Upper end of the budget range in ms (research system: 380)."})
     budget_sampling: str = field(
-        default="uniform",
-        metadata={"help": "How budgets are drawn when the dataset has none: 'uniform' or 'log_uniform' over the range. "
-                  "The draw depends on the prompt and the step only, so every member of a group, on every process, "
-                  "gets the same budget."},
+        default="log_uniform",
+        metadata={"help": "How budgets are drawn when the dataset has none: 'log_uniform' (default) or 'uniform' (the "
+                  "research system) over the range. Configurations' latencies spread geometrically (each knob scales "
+                  "the cost), so the budgets at which the best choice changes crowd at the low end: log-uniform draws "
+                  "put as many budgets between 20 and 30 ms as between 40 and 60. The draw depends on the prompt and "
+                  "the step only, so every member of a group, on every process, gets the same budget."},
     )
 
     # ---- executing the knobs
@@ -74,6 +89,12 @@ class KnobGRPOConfig(GRPOConfig):
                   "the partial forward from block p; needs a profile, since a continued prefill cannot be timed as one) "
                   "or 'auto' (fused when the latency comes from a profile)."},
     )
+    decision_overhead_ms: float = field(
+        default=0.0,
+        metadata={"help": "Added to every rollout's latency: the controller's own decision time (prompt features and both "
+                  "stages), which a request pays for at inference but a rollout's executor latency does not contain. "
+                  "Measure it with knob_grpo.profiling.measure_decision_overhead (examples/train.py does)."},
+    )
     executor_generation_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={"help": "Extra keyword arguments of the executor's generate (greedy by default)."},
@@ -88,5 +109,7 @@ class KnobGRPOConfig(GRPOConfig):
             raise ValueError(f"budget_sampling={self.budget_sampling!r}; allowed: 'uniform', 'log_uniform'")
         if self.latency_target not in ("ttft", "end_to_end"):
             raise ValueError(f"latency_target={self.latency_target!r}; allowed: 'ttft', 'end_to_end'")
+        if not (math.isfinite(self.decision_overhead_ms) and self.decision_overhead_ms >= 0):
+            raise ValueError(f"decision_overhead_ms={self.decision_overhead_ms!r} must be a finite number of ms >= 0")
         if self.rollout_mode not in ("auto", "naive", "fused"):
             raise ValueError(f"rollout_mode={self.rollout_mode!r}; allowed: 'auto', 'naive', 'fused'")

@@ -765,15 +765,45 @@ class TwoStageController(PreTrainedModel):
         return KnobLogProbs(per_decision=per, total=sum(per.values()), entropy=ent, entropy_total=sum(ent.values()))
 
     # ------------------------------------------------------------------ one-call inference
+    @torch.inference_mode()
+    def decide_stage1(self, language: torch.Tensor, budgets: Any) -> list[tuple[str | None, int]]:
+        """The greedy ``(tier, insertion_position)`` for each of ``B`` requests (stage 1 only)."""
+        language = self._language(language)
+        idx: dict[str, torch.Tensor] = {}
+        self._choose(self.stage1(language, self.budget_code(budgets, language.shape[0])), ("tier", "insertion_position"), True, None, idx, {})
+        return list(zip(*self._stage1_values(idx)))
+
+    def stage2_decider(self, language: torch.Tensor, budget: float, tier: str | None, insertion_position: int) -> Callable[[torch.Tensor], tuple[int | None, int]]:
+        """Greedy stage 2 for one request whose stage 1 chose ``(tier, insertion_position)``, as the
+        ``decide`` function of :meth:`AdaptiveModel.generate_with_decision`: latency token
+        ``(1, latency_token_dim)`` -> ``(top_k, num_active_blocks)``. In prompt mode the token is
+        ignored (stage 2 reads the language feature)."""
+        language = self._language(language)
+        if language.shape[0] != 1:
+            raise ValueError(f"stage2_decider is for one request; got language features for {language.shape[0]}")
+        code = self.budget_code(budget, 1)
+        p_index = self._p_index([insertion_position])
+
+        @torch.inference_mode()
+        def decide(latency_token: torch.Tensor) -> tuple[int | None, int]:
+            context = self._latency_tokens(latency_token, 1) if self.stage2_mode == "latency_token" else language
+            idx: dict[str, torch.Tensor] = {}
+            self._choose(self.stage2(context, code, p_index), ("top_k", "num_active_blocks"), True, None, idx, {})
+            knobs = self._to_knobs(idx, [tier], [insertion_position])[0]
+            return knobs.top_k, knobs.num_active_blocks
+
+        return decide
+
     @torch.no_grad()
     def decide_and_generate(self, adaptive: Any, text: str | Sequence[str], images: Any, latency_budget: Any, **generate_kwargs: Any) -> tuple[Any, list[Knobs]]:
         """Choose the knobs for each prompt greedily and generate with them.
 
         Stage 1 reads the prompt text (tokenised without chat template, :func:`prompt_features`)
-        and the budget. Latency-token mode then runs ``adaptive.prefill(text, images, tier, p)``
-        (blocks ``0..p-1`` only), feeds ``state.latency_token()`` to stage 2 and continues that
-        same prefill with ``adaptive.generate(prefix=state, top_k=..., num_active_blocks=...)``,
-        so blocks ``0..p-1`` (and the vision tower) process the prompt once. Prompt mode picks
+        and the budget. Latency-token mode then runs one
+        ``adaptive.generate_with_decision(text, images, tier, p, decide=stage 2)``: entering block
+        ``p`` the prompt's latency token goes to stage 2, whose ``top_k`` and
+        ``num_active_blocks`` hold from there on, so blocks ``0..p-1`` (and the vision tower)
+        process the prompt once, in one generation loop. Prompt mode picks
         all four knobs first and calls ``adaptive.generate(text, images, tier=..., ...)``.
 
         ``text``: one prompt or a list; ``images``: ``None``, one image (or a one-element list)
@@ -795,29 +825,20 @@ class TwoStageController(PreTrainedModel):
             if not isinstance(images, (list, tuple)) or len(images) != len(texts):
                 raise ValueError(f"got {len(texts)} prompts: give one image per prompt (or images=None)")
             row_images = [None if im is None else (im if isinstance(im, (list, tuple)) else [im]) for im in images]
-        n = len(texts)
-        code = self.budget_code(latency_budget, n)
+        budgets = self.budget_tensor(latency_budget, len(texts)).tolist()
         language = self._language(prompt_features(adaptive, texts))
-        idx1: dict[str, torch.Tensor] = {}
-        self._choose(self.stage1(language, code), ("tier", "insertion_position"), True, None, idx1, {})
-        tiers, ps = self._stage1_values(idx1)
+        stage1 = self.decide_stage1(language, budgets)
 
         outputs, chosen = [], []
-        for i in range(n):
-            row = slice(i, i + 1)
-            tier = tiers[i] if row_images[i] is not None else None
-            state = None
+        for i, (tier, p) in enumerate(stage1):
+            tier = tier if row_images[i] is not None else None
+            decide = self.stage2_decider(language[i : i + 1], budgets[i], tier, p)
             if self.stage2_mode == "latency_token":
-                state = adaptive.prefill(texts[i], row_images[i], tier=tier, insertion_position=ps[i], **generate_kwargs)
-                context = self._latency_tokens(state.latency_token(), 1)
+                out, knobs = adaptive.generate_with_decision(texts[i], row_images[i], decide=decide, tier=tier,
+                                                             insertion_position=p, **generate_kwargs)
             else:
-                context = language[row]
-            idx2: dict[str, torch.Tensor] = {}
-            self._choose(self.stage2(context, code[row], idx1["insertion_position"][row]), ("top_k", "num_active_blocks"), True, None, idx2, {})
-            knobs = self._to_knobs(idx2, [tier], [ps[i]])[0]
-            if state is not None:
-                out = adaptive.generate(prefix=state, top_k=knobs.top_k, num_active_blocks=knobs.num_active_blocks, **generate_kwargs)
-            else:
+                top_k, num_active_blocks = decide(None)
+                knobs = Knobs(tier=tier, insertion_position=p, top_k=top_k, num_active_blocks=num_active_blocks)
                 out = adaptive.generate(texts[i], row_images[i], **knobs.as_dict(), **generate_kwargs)
             outputs.append(out)
             chosen.append(knobs)

@@ -571,22 +571,20 @@ def _controller_job(adaptive: Any, controller: Any, text: str, has_image: bool, 
     def generate(streamer: Any) -> Any:
         with torch.inference_mode():
             language = prompt_features(adaptive, [text])
-            prefix: dict[str, Any] = {}
-
-            def latency_token_fn(tiers: list, ps: list) -> torch.Tensor:
-                tier = tiers[0] if has_image else None
-                state = adaptive.prefill(**prepared[(row_index, tier)], insertion_position=ps[0])
-                prefix["state"] = state
-                return state.latency_token()
-
-            knobs = controller.decide(language, [budget], latency_token_fn=latency_token_fn if latency_token_mode else None)[0]
+            if latency_token_mode:  # stage 2 runs inside the one generate, at block p (no second generation loop)
+                tier, p = controller.decide_stage1(language, [budget])[0]
+                tier = tier if has_image else None
+                record["prompt_len"] = prepared[(row_index, tier)]["input_ids"].shape[-1]
+                decide = controller.stage2_decider(language, budget, tier, p)
+                output, knobs = adaptive.generate_with_decision(**prepared[(row_index, tier)], decide=decide, insertion_position=p,
+                                                                streamer=streamer, **extra)
+                record["knobs"] = dataclasses.replace(knobs, tier=tier)  # the tier the inputs were prepared at
+                return output
+            knobs = controller.decide(language, [budget])[0]
             if not has_image:
                 knobs = dataclasses.replace(knobs, tier=None)
             record["knobs"] = knobs
             record["prompt_len"] = prepared[(row_index, knobs.tier)]["input_ids"].shape[-1]
-            if "state" in prefix:  # continue the partial prefill from block p
-                return adaptive.generate(prefix=prefix["state"], top_k=knobs.top_k, num_active_blocks=knobs.num_active_blocks,
-                                         streamer=streamer, **extra)
             return adaptive.generate(**prepared[(row_index, knobs.tier)], insertion_position=knobs.insertion_position,
                                      top_k=knobs.top_k, num_active_blocks=knobs.num_active_blocks, streamer=streamer, **extra)
 
@@ -838,12 +836,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .adaptive import AdaptiveModel
     from .controller import TwoStageController
 
-    if args.executor == "embedded":
-        from .embedded import load_embedded_adaptive
-
-        adaptive = load_embedded_adaptive()
-    else:
-        adaptive = AdaptiveModel.from_pretrained(args.executor)
+    adaptive = AdaptiveModel.from_pretrained("knob_grpo/embedded" if args.executor == "embedded" else args.executor)
     controller = TwoStageController.from_pretrained(args.controller).eval()
     dataset = _load_rows(args.dataset, args.split, args.limit)
     profile_dataset = None if args.profile_dataset is None else _load_rows(args.profile_dataset, args.split, args.profile_limit)

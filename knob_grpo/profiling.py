@@ -65,6 +65,8 @@ __all__ = [
     "check_profile",
     "load_profile_for",
     "torch_threads",
+    "measure_decision_overhead",
+    "suggest_budget_range",
 ]
 
 SPLIT_MODES: tuple[str, ...] = ("pair", "config", "input")
@@ -555,3 +557,66 @@ def check_profile(profile: LatencyProfile, adaptive: Any, *, strict_device: bool
 def load_profile_for(adaptive: Any, path: Any, *, strict: bool = True) -> LatencyProfile:
     """Load the profile of ``adaptive`` on this device from ``path`` (see :meth:`LatencyProfile.load`)."""
     return LatencyProfile.load(path, device=current_device_name(adaptive.device), executor=str(adaptive.name_or_path), strict=strict)
+
+
+def measure_decision_overhead(
+    adaptive: Any,
+    controller: Any,
+    texts: Sequence[str],
+    budgets: Sequence[float] | None = None,
+    *,
+    repeats: int = 5,
+    warmup: int = 3,
+    num_threads: int | None = None,
+) -> float:
+    """Median wall-clock ms of one controller decision: prompt features, stage 1 and stage 2.
+
+    This is the time a request pays for at inference on top of its configuration's execution, and
+    what :attr:`KnobGRPOConfig.decision_overhead_ms` adds to every rollout. In latency-token mode
+    the partial prefill is not counted: the configuration's execution continues it, so it is part
+    of the execution's latency already (stage 2 gets a stand-in token of the right width). The weights do not change the cost, so an untrained controller measures it.
+    """
+    from .controller import prompt_features
+
+    texts = [str(t) for t in texts]
+    if not texts:
+        raise ValueError("measure_decision_overhead needs at least one prompt text")
+    _check_count("repeats", repeats, 1)
+    _check_count("warmup", warmup, 0)
+    lo, hi = controller.config.budget_min_ms, controller.config.budget_max_ms
+    budgets = list(budgets) if budgets is not None else [lo + (hi - lo) * (i + 0.5) / len(texts) for i in range(len(texts))]
+    if len(budgets) != len(texts):
+        raise ValueError(f"{len(budgets)} budgets for {len(texts)} prompt texts; give one budget per text")
+    token_fn = None
+    if controller.stage2_mode == "latency_token":  # its values do not change stage 2's cost
+        token = torch.zeros(1, controller.config.latency_token_dim)
+        token_fn = lambda tiers, positions: token  # noqa: E731
+    times: list[float] = []
+    with torch_threads(num_threads), torch.inference_mode():
+        for round_ in range(warmup + repeats):
+            for text, budget in zip(texts, budgets):
+                start = time.perf_counter()
+                controller.decide(prompt_features(adaptive, [text]), [budget], latency_token_fn=token_fn)
+                if round_ >= warmup:
+                    times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def suggest_budget_range(records: Sequence[SweepRecord], target: str = "ttft", overhead_ms: float = 0.0,
+                         low_margin: float = 1.15, high_margin: float = 1.1) -> tuple[float, float]:
+    """A budget range that spans what the profiled configurations can do, in ms.
+
+    From ``low_margin`` above the cheapest configuration's median latency (room for the run-to-run
+    spread, so that the cheapest configuration can meet the smallest budget) to ``high_margin``
+    above the slowest one's (every configuration fits the largest budget); both after adding
+    ``overhead_ms`` (the controller's decision time, :func:`measure_decision_overhead`).
+    """
+    if target not in ("ttft", "end_to_end"):
+        raise ValueError(f"target={target!r}; allowed: 'ttft', 'end_to_end'")
+    by_config: dict[str, list[float]] = {}
+    for r in records:
+        by_config.setdefault(str(r.knobs), []).append(r.ttft_ms if target == "ttft" else r.end_to_end_ms)
+    if not by_config:
+        raise ValueError("suggest_budget_range needs profiling records (profile_executor's output); got none")
+    medians = sorted(statistics.median(v) for v in by_config.values())
+    return round((medians[0] + overhead_ms) * low_margin, 1), round((medians[-1] + overhead_ms) * high_margin, 1)

@@ -34,6 +34,8 @@ __all__ = [
     "make_budget_reward",
     "BudgetReward",
     "knob_complexity",
+    "within_budget",
+    "WithinBudget",
 ]
 
 # ---------------------------------------------------------------------------- normalisation
@@ -499,3 +501,30 @@ def budget_penalty_reward(prompts: Sequence[Any], completions: Sequence[Any], **
 
 
 _DEFAULT_BUDGET_REWARD = BudgetReward(name="budget_penalty_reward")
+
+
+class WithinBudget:
+    """An accuracy reward that counts only for rows within their budget; build it with :func:`within_budget`."""
+
+    def __init__(self, reward_fn: Any) -> None:
+        if not callable(reward_fn):
+            raise TypeError(f"within_budget needs a reward function, got {type(reward_fn).__name__}")
+        self.reward_fn = reward_fn
+        self.__name__ = f"{getattr(reward_fn, '__name__', type(reward_fn).__name__)}_within_budget"
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
+        rewards = self.reward_fn(prompts, completions, **kwargs)
+        pairs = _latency_pairs(kwargs, len(completions), self.__name__)
+        return [None if r is None else (r if latency <= budget else 0.0) for r, (latency, budget) in zip(rewards, pairs)]
+
+
+def within_budget(reward_fn: Any) -> WithinBudget:
+    """``reward_fn``'s reward for rows whose ``latency_ms`` is within ``budget_ms``, 0.0 for the rest.
+
+    An answer that arrives after its budget is worth nothing, as in the evaluation's
+    ``accuracy_within_budget``. Paired with a budget penalty, every late row then scores exactly the
+    penalty: the penalty alone sets how much worse than a wrong answer in time a violation is (any
+    negative value keeps it worse), instead of it having to outweigh the answer's credit too.
+    A ``None`` (unscorable row) stays ``None``.
+    """
+    return WithinBudget(reward_fn)

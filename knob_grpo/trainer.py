@@ -141,7 +141,8 @@ class KnobGRPOTrainer(GRPOTrainer):
         if args.rollout_mode == "fused" and latency_profile is None:
             raise ValueError("rollout_mode='fused' needs a latency profile (latency_profile=... or latency_source=PATH)")
         self.executor_generation_kwargs = {"do_sample": False, **(args.executor_generation_kwargs or {})}
-        names = [n for n in self.reward_func_names if "budget" not in n]
+        # the first answer-quality reward is logged as "accuracy" (a within_budget one counts late rows as 0)
+        names = [n for n in self.reward_func_names if "budget" not in n or n.endswith("_within_budget")]
         self.accuracy_reward_name = names[0] if names else None
 
     # ------------------------------------------------------------------ budgets
@@ -164,7 +165,8 @@ class KnobGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ executing one tuple
     def _execute(self, prompt: str, image: Any, knobs: Knobs, prefix: PrefixState | None) -> tuple[list[int], float]:
-        """Run one configuration; returns the completion's token ids and its latency in ms."""
+        """Run one configuration; returns the completion's token ids and its latency in ms (plus the
+        configured decision overhead, so the reward sees what a request would)."""
         executor, args = self.executor, self.args
         gen_kwargs = dict(self.executor_generation_kwargs, max_new_tokens=args.max_completion_length)
         knob_kwargs = {k: v for k, v in knobs.as_dict().items() if k != "tier" and v is not None}
@@ -196,7 +198,7 @@ class KnobGRPOTrainer(GRPOTrainer):
                 output_tokens=max(1, len(completion)),
             )
             latency = self.latency_profile.predict_for_target(features, args.latency_target)
-        return completion, float(latency)
+        return completion, float(latency) + args.decision_overhead_ms
 
     # ------------------------------------------------------------------ one generation batch
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -237,11 +239,20 @@ class KnobGRPOTrainer(GRPOTrainer):
         sample = controller.sample(language, budgets, latency_token_fn=latency_token_fn if use_tokens else None)
 
         # knobs -> execution -> latency
+        # With a profile and greedy decoding, rows of one request that drew the same tuple give the
+        # same tokens and the same latency: run each distinct (request, tuple) once. (Measured
+        # latency times every row alone, and sampling gives each row its own draw.)
+        reuse = self.latency_profile is not None and not self.executor_generation_kwargs.get("do_sample", False)
+        done: dict[Any, tuple[list[int], float]] = {}
         completion_ids, latencies = [], []
         for i, knobs in enumerate(sample.knobs):
-            ids, latency = self._execute(prompts[i], images[i], knobs, prefixes.get(i))
-            completion_ids.append(ids)
+            key = (prompts[i], _image_key(images[i]), knobs) if reuse else i
+            if key not in done:
+                done[key] = self._execute(prompts[i], images[i], knobs, prefixes.get(i))
+            ids, latency = done[key]
+            completion_ids.append(list(ids))
             latencies.append(latency)
+        self._metrics[mode]["executions_per_row"].append(len(done) / len(sample.knobs))
         completions = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
         completions = [c.strip() for c in completions]
 

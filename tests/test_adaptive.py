@@ -265,6 +265,41 @@ def test_continuation_refuses_mismatched_knobs(vlm):
         vlm.generate(prefix=state, tier="high")
 
 
+def test_decision_at_block_p_equals_prefill_and_continue(vlm):
+    """One generate that asks for top_k / num_active_blocks entering block p: the decide function
+    sees the prefill's latency token, and the tokens equal prefill + continue with its answer."""
+    image = tiny_image(9)
+    seen = []
+
+    def decide(token):
+        seen.append(token.clone())
+        return 2, 5
+
+    obs = Observer(vlm)
+    out, knobs = vlm.generate_with_decision(PROMPT, [image], decide=decide, tier="medium", insertion_position=1, **GREEDY)
+    obs.close()
+    assert knobs == Knobs(tier="medium", insertion_position=1, top_k=2, num_active_blocks=5)
+    assert len(seen) == 1 and len(obs.vision_tokens) == 1  # decided once, in the prefill; vision ran once
+    assert obs.blocks_run() == sorted(set(range(vlm.num_blocks)) - set(vlm.dropped_blocks(1, 5)))
+    state = vlm.prefill(PROMPT, [image], tier="medium", insertion_position=1)
+    assert torch.allclose(seen[0], state.latency_token(), atol=1e-6)
+    assert torch.equal(out, vlm.generate(prefix=state, top_k=2, num_active_blocks=5, **GREEDY))
+    assert torch.equal(out, vlm.generate(PROMPT, [image], tier="medium", insertion_position=1, top_k=2, num_active_blocks=5, **GREEDY))
+
+
+def test_decision_at_block_p_refuses_an_invalid_answer_and_leaves_the_model(vlm):
+    image = tiny_image(10)
+    reference = vlm.generate(PROMPT, [image], **GREEDY)
+    before = snapshot(vlm.model)
+    with pytest.raises(ValueError, match="top_k=9"):
+        vlm.generate_with_decision(PROMPT, [image], decide=lambda token: (9, None), tier="low", insertion_position=1, **GREEDY)
+    with pytest.raises(ValueError, match="one prompt per call"):
+        vlm.generate_with_decision([PROMPT, PROMPT], [image, image], decide=lambda token: (2, 6), tier="low", **GREEDY)
+    assert_same_state(vlm.model, before)
+    assert _active() is None
+    assert torch.equal(vlm.generate(PROMPT, [image], **GREEDY), reference)
+
+
 # --------------------------------------------------------------------------- HF generate features keep working
 def test_sampling_streamer_and_stopping_criteria(vlm):
     class Collect(BaseStreamer):

@@ -9,15 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from knob_grpo.embedded import (
     ANSWERS,
     QUESTION_TYPES,
     TIER_PIXELS,
     VISION_TOKENS,
+    WEIGHTS_DIR,
     build_processor,
     knob_space,
     load_embedded_adaptive,
+    load_embedded_default,
     make_example,
     make_task_dataset,
 )
@@ -127,5 +130,95 @@ def test_pretrain_script_runs_and_loss_goes_down(tmp_path):
     assert ids.shape[0] == 1
 
 
-# The committed-model tests (weights size/format, full-setting accuracy >= 80%, the sweep's headline
-# checks) come back with knob_grpo/embedded/weights/ (issue #6); the weights are not committed yet.
+# ------------------------------------------------------------------------------------- the committed model
+def test_committed_weights_are_small_safetensors():
+    files = {f.name: f.stat().st_size for f in WEIGHTS_DIR.iterdir() if f.is_file()}
+    assert "model.safetensors" in files and "checkpoint.pt" not in files
+    assert sum(files.values()) < 20 * 2**20
+    model, processor = load_embedded_default()
+    assert model.config.model_type == "qwen3_vl_moe"
+    assert next(model.parameters()).dtype == torch.float32
+    assert not model.training
+    settings = json.loads((WEIGHTS_DIR / "knob_grpo_adaptive.json").read_text())
+    assert settings["tier_pixels"] == TIER_PIXELS
+    assert settings["knob_space"] == knob_space().to_dict()
+    # the tokenizer the weights were trained with is the one the code builds
+    assert processor.tokenizer.get_vocab() == build_processor().tokenizer.get_vocab()
+    # its name is the same on every machine, and from_pretrained resolves it without a download
+    from knob_grpo import AdaptiveModel
+
+    adaptive = AdaptiveModel.from_pretrained("knob_grpo/embedded")
+    assert adaptive.name_or_path == "knob_grpo/embedded" and adaptive.knob_space == knob_space()
+
+
+def _accuracy(adaptive, examples, **knobs):
+    from knob_grpo.embedded.sweep import accuracy
+
+    cfg = adaptive.knob_space.resolve(**knobs)
+    return accuracy(adaptive, examples, [cfg], batch_size=40, progress=False)[cfg]
+
+
+def test_committed_model_full_setting_accuracy():
+    """Full setting >= 80% on a test subset; the cheapest configuration keeps colour, loses the texture."""
+    torch.set_num_threads(1)
+    adaptive = load_embedded_adaptive()
+    examples = [make_example("test", i) for i in range(160)]
+    full = _accuracy(adaptive, examples)
+    assert full["all"] >= 0.80, full
+    cheap = _accuracy(adaptive, examples, **adaptive.knob_space.cheapest().as_dict())
+    assert cheap["all"] <= full["all"] - 0.15, (full, cheap)
+    assert cheap["colour"] >= full["colour"] - 0.05, (full, cheap)
+    assert cheap["pattern"] <= full["pattern"] - 0.30, (full, cheap)
+
+
+@pytest.mark.slow
+def test_sweep_headline_checks():
+    """The static sweep's headline numbers (full and cheapest configurations on the whole test split)."""
+    from knob_grpo.embedded.sweep import run_sweep
+
+    res = run_sweep(configs="full,cheapest", size=800, timing_samples=30)
+    assert all(res["headline"]["checks"].values()), res["headline"]
+
+
+@pytest.mark.slow
+def test_short_grpo_run_raises_reward_and_keeps_budgets(tmp_path):
+    """A shortened version of the main job on the committed model: profile, then GRPO. The mean
+    reward rises, and the controller's one-call inference keeps small and middle budgets.
+
+    (Issue #6 also asks that decisions differ between question types at the same budget; on this
+    model a run this short gives colour and pattern questions the same knobs, so that is not
+    asserted here -- see the issue.)"""
+    from knob_grpo import KnobGRPOConfig, KnobGRPOTrainer, TwoStageController
+    from knob_grpo.profiling import fit_profile, profile_executor, suggest_budget_range
+    from knob_grpo.rewards import exact_match_reward, make_budget_reward, within_budget
+
+    executor = load_embedded_adaptive()
+    records = profile_executor(executor, list(make_task_dataset("validation", 4)), configs=12, repeats=1, progress=False)
+    profile, _ = fit_profile(executor, records=records)
+    lo, hi = suggest_budget_range(records)
+    torch.manual_seed(0)
+    controller = TwoStageController.for_executor(executor, stage2_mode="latency_token", budget_range=(lo, hi))
+    args = KnobGRPOConfig(output_dir=str(tmp_path / "out"), prompt_column="question", num_generations=8,
+                          per_device_train_batch_size=16, max_steps=100, max_completion_length=2, logging_steps=5,
+                          budget_min_ms=lo, budget_max_ms=hi, seed=0, disable_tqdm=True)
+    trainer = KnobGRPOTrainer(controller, executor, [within_budget(exact_match_reward), make_budget_reward(penalty=-0.5)], args=args,
+                              train_dataset=make_task_dataset("train", 200), latency_profile=profile)
+    trainer.train()
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:3]) / 3 + 0.2, rewards
+
+    # greedy decisions keep the budget: the profile's latency of the chosen tuple fits, at a small and a middle budget
+    test_rows = [make_example("test", i) for i in range(24)]
+    for budget in (lo * 1.1, (lo + hi) / 2):
+        fits = []
+        for ex in test_rows:
+            result = executor.generate(ex["question"], [ex["image"]], latency_budget=budget, controller=controller,
+                                       max_new_tokens=1, do_sample=False)
+            knobs = result.knobs[0]
+            inputs = executor.prepare_inputs(ex["question"], [ex["image"]], tier=knobs.tier)
+            vision = executor.num_vision_tokens(inputs)
+            features = dict(vision_tokens=vision, text_tokens=inputs["input_ids"].shape[1] - vision,
+                            num_active_blocks=knobs.num_active_blocks, top_k=knobs.top_k,
+                            insertion_position=knobs.insertion_position, default_top_k=executor.default_top_k, output_tokens=1)
+            fits.append(profile.predict_for_target(features, "ttft") <= budget)
+        assert sum(fits) >= 0.9 * len(fits), (budget, sum(fits))

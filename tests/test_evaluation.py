@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest
+import torch
 
 from knob_grpo.adaptive import AdaptiveModel
 from knob_grpo.controller import TwoStageController
@@ -175,6 +176,21 @@ def test_real_sweep_invariants(evaluation):
         assert s["controller_minus_lookup"] == pytest.approx(
             result.row("controller", s["budget_ms"])["accuracy"] - result.row("lookup table", s["budget_ms"])["accuracy"]
         )
+
+
+def test_latency_token_controller_rows_record_its_own_decisions(vlm, data):
+    """In latency-token mode stage 2 runs inside the timed generate; each row records the tuple the
+    controller's one-call inference chooses for that request and budget (tier included)."""
+    eval_rows, profile_rows = data
+    torch.manual_seed(3)
+    controller = TwoStageController.for_executor(vlm, stage2_mode="latency_token", budget_range=(10.0, 100.0))
+    budgets = [10.0, 100.0]
+    result = evaluate_budgets(vlm, controller, eval_rows, budgets, profile_dataset=profile_rows, configs=[FAST, MID, SLOW],
+                              max_new_tokens=3, num_threads=THREADS, progress=False, include_oracle=False)
+    for budget in budgets:
+        for row, outcome in zip(eval_rows, result.outcomes[("controller", budget)]):
+            _, (knobs,) = controller.decide_and_generate(vlm, row["question"], [row["image"]], budget, max_new_tokens=3, do_sample=False)
+            assert outcome.knobs == knobs
 
 
 def test_lookup_table_through_evaluate_budgets(vlm, data):

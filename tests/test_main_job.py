@@ -8,8 +8,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHORT = ["--max_steps", "2", "--train_samples", "16", "--profile_samples", "2", "--profile_configs", "4",
-         "--eval_samples", "2", "--num_generations", "4", "--eval_budgets", "20", "60"]
+SHORT = ["--max_steps", "2", "--train_samples", "16", "--profile_samples", "2", "--profile_configs", "4", "--lookup_samples", "2",
+         "--sweep_configs", "6", "--eval_samples", "2", "--num_generations", "4", "--eval_budgets", "20", "60"]
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from knob_grpo.rewards import (
     normalize_answer,
     vqa_accuracy,
     vqa_score_reward,
+    within_budget,
 )
 
 
@@ -168,3 +169,19 @@ def test_complexity_cost_and_validation():
         make_budget_reward(penalty=-0.01, complexity_cost=0.05, knob_space=space)
     with pytest.raises(ValueError, match="slack_bonus"):
         make_budget_reward(slack_bonus=-0.1)
+
+
+def test_within_budget_counts_answers_in_time_only():
+    reward = within_budget(exact_match_reward)
+    assert reward.__name__ == "exact_match_reward_within_budget"
+    out = reward(["q"] * 4, ["red", "red", "blue", "red"], answer=["red", "red", "red", None],
+                 latency_ms=[10.0, 30.0, 10.0, 10.0], budget_ms=[20.0, 20.0, 20.0, 20.0])
+    assert out == [1.0, 0.0, 0.0, None]  # in time and right; late; wrong; unscorable
+    # with a budget penalty every late row scores the penalty alone, below a wrong answer in time
+    penalty = make_budget_reward(penalty=-0.5)
+    kwargs = dict(answer=["red"] * 3, latency_ms=[10.0, 30.0, 30.0], budget_ms=[20.0] * 3)
+    totals = [a + b for a, b in zip(reward(["q"] * 3, ["blue", "red", "blue"], **kwargs), penalty(["q"] * 3, ["blue", "red", "blue"], **kwargs))]
+    assert totals == [0.0, -0.5, -0.5]
+    assert pickle.loads(pickle.dumps(reward))(["q"], ["red"], answer=["red"], latency_ms=[1.0], budget_ms=[2.0]) == [1.0]
+    with pytest.raises(ValueError, match="latency_ms"):
+        reward(["q"], ["red"], answer=["red"], budget_ms=[2.0])

@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 from tiny import tiny_text_model
 
-from knob_grpo import AdaptiveModel, KnobGRPOConfig, KnobGRPOTrainer, TwoStageController
+from knob_grpo import AdaptiveModel, KnobGRPOConfig, KnobGRPOTrainer, Knobs, TwoStageController
 from knob_grpo.controller import prompt_features
 from knob_grpo.latency import DECODE_FEATURES, TTFT_FEATURES, LatencyProfile
 from knob_grpo.trainer import RewardFunctionError
@@ -182,3 +182,23 @@ def test_fused_rollouts_give_the_naive_tokens_and_share_prefills(tmp_path):
         out = executor.generate(row["prompt"], **knobs, max_new_tokens=2, do_sample=False)
         prompt_len = executor.prepare_inputs(row["prompt"])["input_ids"].shape[1]
         assert executor.tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True).strip() == completion
+
+
+def test_rows_that_drew_the_same_tuple_run_once(tmp_path):
+    """With a profile and greedy decoding a (request, tuple) pair runs once, and its rows get the
+    tokens and latency a separate run gives."""
+    trainer, controller, executor = make_trainer(tmp_path, stage2_mode="prompt", max_steps=1)
+    generated = []
+    generate = executor.generate
+    executor.generate = lambda *a, **k: generated.append(1) or generate(*a, **k)
+    trainer.model.train()
+    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    trainer._generate_and_score_completions(rows)
+    distinct = {(row["prompt"], tuple(sorted(row["knobs"].items()))) for row in rows}
+    assert len(generated) == len(distinct) < len(rows)  # 16 rows over 2 requests: some tuples repeat
+    assert trainer._metrics["train"]["executions_per_row"][-1] == len(distinct) / len(rows)
+    completions = list(trainer._logs["completion"])[-16:]
+    for row, completion in zip(rows, completions):
+        ids, latency = trainer._execute(row["prompt"], None, Knobs(**row["knobs"]), None)  # this row alone
+        assert executor.tokenizer.decode(ids, skip_special_tokens=True).strip() == completion
+        assert row["latency_ms"] == latency

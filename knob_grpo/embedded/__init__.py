@@ -1,7 +1,7 @@
 """The project's embedded default: a tiny MoE vision-language model and a visual task where every knob matters.
 
 * :mod:`.task` — procedurally drawn visual questions (four types: ``colour`` needs little,
-  ``pattern`` and ``count`` need the high tier's detail, ``compare`` needs depth) as
+  ``stripes`` needs the medium tier, ``pattern`` the high tier's detail, ``compare`` depth) as
   ``datasets.Dataset`` splits from fixed seeds: :func:`make_task_dataset`.
 * :mod:`.model` — a tiny ``Qwen3VLMoeForConditionalGeneration`` (8 blocks, 8 experts, top-4),
   its word-level tokenizer and pillow-only processor, the tier pixel budgets
@@ -28,17 +28,24 @@ from .model import (
 from .task import ANSWERS, QUESTION_TYPES, QUESTIONS, SPLIT_SEEDS, make_example, make_task_dataset
 
 
+#: ``name_or_path`` of the committed embedded model
+EMBEDDED_NAME = "knob_grpo/embedded"
+
+
 def load_embedded_adaptive(path=None, **kwargs):
     """The committed model wrapped in an :class:`~knob_grpo.AdaptiveModel` with its tiers and knob space."""
     from ..adaptive import AdaptiveModel
 
     model, processor = load_embedded_default(path, **kwargs)
+    # the committed weights get a name that is the same on every machine (profiles, controller
+    # configs and model cards record it), not the install path
     return AdaptiveModel(model, processor, knob_space=knob_space(), tier_pixels=dict(TIER_PIXELS),
-                         name_or_path=str(WEIGHTS_DIR if path is None else path))
+                         name_or_path=EMBEDDED_NAME if path is None else str(path))
 
 
 __all__ = [
     "ANSWERS",
+    "EMBEDDED_NAME",
     "QUESTIONS",
     "QUESTION_TYPES",
     "SPLIT_SEEDS",

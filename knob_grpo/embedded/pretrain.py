@@ -29,6 +29,8 @@ tokenizer, processor and ``knob_grpo_adaptive.json`` (tier pixel budgets and kno
 
 Determinism: model initialisation (``torch.manual_seed``), data order and knob draws are all fixed
 by ``--seed``; bitwise reproducibility additionally needs the same thread count (``--threads``).
+A resumable checkpoint (model, optimiser, sampler state) is written every ``--save_every`` steps;
+``--resume`` continues from it with the same data order and knob draws.
 """
 
 from __future__ import annotations
@@ -189,7 +191,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--log_every", type=int, default=25)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save_dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    ap.add_argument("--init_from", default=None, help="continue from a saved model directory instead of a fresh init")
+    ap.add_argument("--init_from", default=None, help="start from a saved model directory instead of a fresh init")
+    ap.add_argument("--save_every", type=int, default=200, help="write a resumable checkpoint every N steps (0: never)")
+    ap.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt if it exists")
     return ap.parse_args(argv)
 
 
@@ -228,7 +232,7 @@ def main(argv=None) -> dict[str, Any]:
     full = space.full()
     cheapest = space.cheapest()
     log_path = out_dir / "training_log.jsonl"
-    log_f = open(log_path, "w")
+    log_f = open(log_path, "a")
     (out_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2))
 
     def log(record: dict[str, Any]) -> None:
@@ -239,7 +243,21 @@ def main(argv=None) -> dict[str, Any]:
     running: list[float] = []
     first_losses: list[float] = []
     last_losses: list[float] = []
-    for step in range(args.max_steps):
+    ckpt_path = out_dir / "checkpoint.pt"
+    start_step = 0
+    if args.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sampler.rng.setstate(ckpt["sampler_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start_step = ckpt["step"]
+        first_losses = ckpt.get("first_losses", [])
+        t0 -= ckpt.get("elapsed_s", 0.0)
+        print(json.dumps({"resumed_from_step": start_step}), flush=True)
+    else:
+        log_f.truncate(0)
+    for step in range(start_step, args.max_steps):
         knobs, dropped = sampler()
         examples = [make_example("train", step * args.batch_size + j) for j in range(args.batch_size)]
         enc = encode(processor, examples, knobs.tier)
@@ -270,6 +288,12 @@ def main(argv=None) -> dict[str, Any]:
                 rec[name] = {k: round(v, 3) for k, v in acc.items()}
             print(json.dumps(rec), flush=True)
             log(rec)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps:
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "sampler_rng": sampler.rng.getstate(),
+                        "torch_rng": torch.get_rng_state(), "step": step + 1, "first_losses": first_losses,
+                        "elapsed_s": time.time() - t0}, tmp)
+            os.replace(tmp, ckpt_path)
 
     model.eval()
     save_dtype = getattr(torch, args.save_dtype)
@@ -293,6 +317,8 @@ def main(argv=None) -> dict[str, Any]:
     }
     log(summary)
     log_f.close()
+    if ckpt_path.exists():
+        ckpt_path.unlink()  # the saved model replaces it
     print(json.dumps(summary), flush=True)
     return summary
 

@@ -50,6 +50,8 @@ def main(output_dir: str) -> None:
     torch.save({"params": {k: v.cpu() for k, v in controller.state_dict().items()}, "records": trainer.records,
                 "world_size": state.num_processes, "scale_rewards": trainer.scale_rewards},
                os.path.join(output_dir, f"rank{state.process_index}.pt"))
+    state.wait_for_everyone()  # leave together: a process exiting alone can abort the other's gloo teardown
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":
