@@ -452,7 +452,7 @@ class AdaptiveModel:
             labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
             out = self.model(**enc, labels=labels)
             n = int((labels[:, 1:] != -100).sum())
-            total += float(out.loss) * n
+            total += float(out.loss.detach()) * n
             count += n
         return total / max(count, 1)
 
