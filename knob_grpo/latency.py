@@ -882,11 +882,18 @@ def plot_pareto(
                 raise ValueError(f"series {method!r} has no points")
             style = _STYLES.get(method, {"marker": "o"})
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method, linewidth=1.8, markersize=6, zorder=3, **style)
-            if method == "controller":  # which point is which budget
-                for p in pts:
-                    if len(p) > 2:
-                        ax.annotate(f"{p[2]:g}", (p[0], p[1]), textcoords="offset points", xytext=(4, 5), fontsize=7,
-                                    color=style.get("color", "0.2"))
+            if method == "controller":  # which point is which budget; points that nearly coincide share one label
+                labelled = [p for p in pts if len(p) > 2]
+                span = max(budgets[-1], max(p[0] for p in pts)) - min(min(budgets), min(p[0] for p in pts)) or 1.0
+                clusters: list[list[tuple]] = []
+                for p in labelled:
+                    if clusters and abs(p[0] - clusters[-1][-1][0]) < 0.06 * span and abs(p[1] - clusters[-1][-1][1]) < 0.02:
+                        clusters[-1].append(p)
+                    else:
+                        clusters.append([p])
+                for cluster in clusters:
+                    ax.annotate(", ".join(f"{p[2]:g}" for p in sorted(cluster, key=lambda p: p[2])), (cluster[0][0], cluster[0][1]),
+                                textcoords="offset points", xytext=(4, 5), fontsize=7, color=style.get("color", "0.2"))
         # Budget values along the top edge, in axis-fraction y so they stay inside the frame.
         for budget in budgets:
             ax.text(budget, 1.01, f"{budget:g} ms", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
