@@ -27,10 +27,12 @@ from knob_grpo.profiling import (
     check_profile,
     fit_profile,
     load_profile_for,
+    measure_decision_overhead,
     profile_executor,
     resolve_configs,
     run_timed_jobs,
     split_by_group,
+    suggest_budget_range,
 )
 from tiny import tiny_image, tiny_vlm
 
@@ -259,3 +261,38 @@ def test_thread_cpu_clock(vlm, samples):
     assert all(0 < r.ttft_ms <= r.end_to_end_ms for r in records)
     with pytest.warns(UserWarning, match="underdetermined"):  # 2 records for 5 coefficients
         assert fit_profile(vlm, records=records)[1]["clock"] == "thread_cpu"
+
+
+def test_suggest_budget_range_from_hand_built_records():
+    fast, slow = Knobs("low", 1, 2, 5), Knobs("high", 1, 4, 6)
+    records = [SweepRecord(vision_tokens=4, text_tokens=5, num_active_blocks=5, ttft_ms=t, end_to_end_ms=3 * t, knobs=fast)
+               for t in (10.0, 12.0, 30.0)]  # median 12
+    records += [SweepRecord(vision_tokens=16, text_tokens=5, num_active_blocks=6, ttft_ms=t, end_to_end_ms=2 * t, knobs=slow)
+                for t in (40.0, 50.0)]  # median 45
+    assert suggest_budget_range(records) == (round(12.0 * 1.15, 1), round(45.0 * 1.1, 1))
+    assert suggest_budget_range(records, overhead_ms=1.0) == (round(13.0 * 1.15, 1), round(46.0 * 1.1, 1))
+    assert suggest_budget_range(records, "end_to_end") == (round(36.0 * 1.15, 1), round(90.0 * 1.1, 1))
+    with pytest.raises(ValueError, match="target='p99'"):
+        suggest_budget_range(records, "p99")
+    with pytest.raises(ValueError, match="needs profiling records"):
+        suggest_budget_range([])
+
+
+def test_decision_overhead_times_the_controller_not_the_executor(vlm):
+    """Features and both stages only: in latency-token mode the prefill belongs to the execution."""
+    from knob_grpo import TwoStageController
+
+    controller = TwoStageController.for_executor(vlm, stage2_mode="latency_token", budget_range=(10.0, 100.0))
+    calls = []
+    prefill, generate = vlm.prefill, vlm.generate
+    vlm.prefill = lambda *a, **k: calls.append("prefill") or prefill(*a, **k)
+    vlm.generate = lambda *a, **k: calls.append("generate") or generate(*a, **k)
+    try:
+        ms = measure_decision_overhead(vlm, controller, ["what colour is it ?", "how many dots ?"], repeats=2, warmup=1)
+    finally:
+        vlm.prefill, vlm.generate = prefill, generate
+    assert calls == [] and 0 < ms < 1000
+    with pytest.raises(ValueError, match="at least one prompt"):
+        measure_decision_overhead(vlm, controller, [])
+    with pytest.raises(ValueError, match="2 budgets for 1 prompt"):
+        measure_decision_overhead(vlm, controller, ["what colour is it ?"], budgets=[20.0, 30.0])

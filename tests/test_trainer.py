@@ -202,3 +202,16 @@ def test_rows_that_drew_the_same_tuple_run_once(tmp_path):
         ids, latency = trainer._execute(row["prompt"], None, Knobs(**row["knobs"]), None)  # this row alone
         assert executor.tokenizer.decode(ids, skip_special_tokens=True).strip() == completion
         assert row["latency_ms"] == latency
+
+
+def test_decision_overhead_is_added_to_every_rollout_latency(tmp_path):
+    plain, _, executor = make_trainer(tmp_path / "plain", max_steps=1)
+    trainer, _, _ = make_trainer(tmp_path / "overhead", max_steps=1, decision_overhead_ms=7.5)
+    trainer.model.train()
+    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    trainer._generate_and_score_completions(rows)
+    for row in rows:
+        _, without = plain._execute(row["prompt"], None, Knobs(**row["knobs"]), None)
+        assert row["latency_ms"] == pytest.approx(without + 7.5)
+    with pytest.raises(ValueError, match="decision_overhead_ms=-1.0"):
+        KnobGRPOConfig(output_dir=str(tmp_path / "bad"), decision_overhead_ms=-1.0)
