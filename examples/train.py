@@ -106,6 +106,7 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
     if state.is_main_process:
         print(f"latency profile: held-out median error {report['ttft_mdape_pct']:.1f}% (time to first token), "
               f"{report['end_to_end_mdape_pct']:.1f}% (end to end)")
+
     # the controller's own decision time is part of every request's latency: rollouts add it
     def new_controller():
         return TwoStageController.for_executor(executor, stage2_mode=script.stage2_mode,
