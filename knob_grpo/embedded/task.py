@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -121,23 +121,33 @@ def _draw_colour(rng: np.random.Generator) -> tuple[Image.Image, str]:
     return img, colour
 
 
-def _draw_stripes(rng: np.random.Generator) -> tuple[Image.Image, str]:
-    img = _background(rng)
-    width = STRIPES[int(rng.integers(len(STRIPES)))]
-    period = STRIPE_PERIODS[width]
+def _paste_patch(img: Image.Image, rng: np.random.Generator, mask: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Image.Image:
+    """A framed square (48 or 64 px, on the 16 px grid) of dark ink on light paper where
+    ``mask(yy, xx)`` holds; the random draws come in a fixed order (the committed weights were
+    trained on exactly these images)."""
     side = int(rng.choice([48, 64]))
     x0 = int(rng.integers(1, (IMAGE_SIZE - side) // 16)) * 16
     y0 = int(rng.integers(1, (IMAGE_SIZE - side) // 16)) * 16
     ink = np.array([int(v) for v in rng.integers(0, 70, size=3)], dtype=np.uint8)
     paper = np.array([int(v) for v in rng.integers(200, 256, size=3)], dtype=np.uint8)
     yy, xx = np.mgrid[0:side, 0:side]
-    coord = yy if rng.random() < 0.5 else xx
-    on = (coord % period) < period // 2
     arr = np.array(img)
-    arr[y0 : y0 + side, x0 : x0 + side] = np.where(on[..., None], ink, paper)
+    arr[y0 : y0 + side, x0 : x0 + side] = np.where(mask(yy, xx)[..., None], ink, paper)
     img = Image.fromarray(arr)
     ImageDraw.Draw(img).rectangle([x0 - 1, y0 - 1, x0 + side, y0 + side], outline=tuple(int(v) for v in ink), width=1)
-    return img, width
+    return img
+
+
+def _draw_stripes(rng: np.random.Generator) -> tuple[Image.Image, str]:
+    img = _background(rng)
+    width = STRIPES[int(rng.integers(len(STRIPES)))]
+    period = STRIPE_PERIODS[width]
+
+    def stripes(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+        coord = yy if rng.random() < 0.5 else xx  # horizontal or vertical
+        return (coord % period) < period // 2
+
+    return _paste_patch(img, rng, stripes), width
 
 
 def _draw_compare(rng: np.random.Generator) -> tuple[Image.Image, str]:
@@ -170,27 +180,18 @@ def _draw_pattern(rng: np.random.Generator) -> tuple[Image.Image, str]:
         draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(90, 90, 90))
     pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
     period = PATTERN_PERIODS[int(rng.integers(len(PATTERN_PERIODS)))]
-    side = int(rng.choice([48, 64]))
-    x0 = int(rng.integers(1, (IMAGE_SIZE - side) // 16)) * 16
-    y0 = int(rng.integers(1, (IMAGE_SIZE - side) // 16)) * 16
-    ink = np.array([int(v) for v in rng.integers(0, 70, size=3)], dtype=np.uint8)
-    paper = np.array([int(v) for v in rng.integers(200, 256, size=3)], dtype=np.uint8)
-    yy, xx = np.mgrid[0:side, 0:side]
     half = period // 2
-    if pattern == "rows":
-        on = (yy % period) < half
-    elif pattern == "columns":
-        on = (xx % period) < half
-    elif pattern == "diagonal":
-        on = ((xx + yy) % period) < half
-    else:  # checks
-        on = ((xx // half) + (yy // half)) % 2 == 0
-    tile = np.where(on[..., None], ink, paper)
-    arr = np.array(img)
-    arr[y0 : y0 + side, x0 : x0 + side] = tile
-    img = Image.fromarray(arr)
-    ImageDraw.Draw(img).rectangle([x0 - 1, y0 - 1, x0 + side, y0 + side], outline=tuple(int(v) for v in ink), width=1)
-    return img, pattern
+
+    def texture(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+        if pattern == "rows":
+            return (yy % period) < half
+        if pattern == "columns":
+            return (xx % period) < half
+        if pattern == "diagonal":
+            return ((xx + yy) % period) < half
+        return ((xx // half) + (yy // half)) % 2 == 0  # checks
+
+    return _paste_patch(img, rng, texture), pattern
 
 
 _DRAWERS = {"colour": _draw_colour, "pattern": _draw_pattern, "stripes": _draw_stripes, "compare": _draw_compare}
