@@ -71,6 +71,7 @@ from .latency import (
     write_json,
 )
 from .profiling import (
+    _rows,
     config_job,
     prepare_sample_inputs,
     resolve_configs,
@@ -134,14 +135,8 @@ def _check_target(target: str) -> str:
 def _materialize(dataset: Any, what: str) -> list[Mapping[str, Any]]:
     if dataset is None:
         raise ValueError(f"{what} is None")
-    rows = [dict(r) if isinstance(r, Mapping) else r for r in dataset]
-    if not rows:
-        raise ValueError(f"{what} is empty; give at least one row")
-    for i, row in enumerate(rows):
-        if not isinstance(row, Mapping):
-            raise ValueError(f"{what} row {i} is a {type(row).__name__}, not a dict with 'prompt'/'question', 'image' and 'answer'")
-        sample_text(row, i)
-    return rows
+    return _rows((dict(r) if isinstance(r, Mapping) else r for r in dataset), what,
+                 columns="'prompt'/'question', 'image' and 'answer'")
 
 
 def _row_id(row: Mapping[str, Any]) -> str:

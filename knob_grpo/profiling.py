@@ -104,13 +104,14 @@ def sample_image(sample: Mapping[str, Any]) -> Any:
     return sample.get("image") if isinstance(sample, Mapping) else None
 
 
-def _rows(samples: Iterable[Mapping[str, Any]], what: str) -> list[Mapping[str, Any]]:
+def _rows(samples: Iterable[Mapping[str, Any]], what: str, columns: str = "'prompt'/'question' (and 'image')") -> list[Mapping[str, Any]]:
+    """The rows as a list, each checked to be a dict with a prompt text (``columns`` names what a row holds)."""
     rows = list(samples)
     if not rows:
         raise ValueError(f"{what} is empty; give at least one row with a 'prompt' or 'question'")
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
-            raise ValueError(f"{what} row {i} is a {type(row).__name__}, not a dict with 'prompt'/'question' (and 'image')")
+            raise ValueError(f"{what} row {i} is a {type(row).__name__}, not a dict with {columns}")
         sample_text(row, i)
     return rows
 
