@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny import WORDS, tiny_image
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tiny import WORDS, tiny_image, tiny_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from knob_grpo import AdaptiveModel
@@ -32,16 +31,7 @@ MAX_CROPS = 12  # the processor's own setting: the "high" tier
 
 
 def molmo2_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL[3:],
-    )
-    fast.padding_side = "left"
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return tiny_tokenizer(chat_template=CHAT_TEMPLATE, special=SPECIAL)
 
 
 def tiny_molmo2(num_layers: int = 4, seed: int = 0):

@@ -24,17 +24,19 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(chat_template: bool = False) -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
+def tiny_tokenizer(chat_template: bool | str = False, special: list[str] = SPECIAL) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``special`` tokens (pad, unk, eos first) and :data:`WORDS`;
+    ``chat_template``: ``True`` for the Qwen-VL-style one, or a template string."""
+    vocab = {tok: i for i, tok in enumerate(special + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL[3:],
+        additional_special_tokens=special[3:],
     )
     fast.padding_side = "left"
     if chat_template:
-        fast.chat_template = CHAT_TEMPLATE
+        fast.chat_template = CHAT_TEMPLATE if chat_template is True else chat_template
     return fast
 
 
