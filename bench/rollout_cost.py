@@ -4,7 +4,9 @@ The seeds count 10 passes per group of 5 in naive latency-token mode (a partial 
 full generate per tuple) and 5 in prompt mode. Fused mode runs one partial forward per request and
 tier, up to the deepest p, and continues every tuple from its own p. All three use a latency
 profile as the reward's latency source (so no tuple needs timing alone) and are timed side by side,
-interleaved, in this one run. Peak memory: in a fresh child process per mode, after one warm-up
+interleaved, in this one run. Fused mode also runs the tuples continued from one prefix as one
+batched generate with per-row knobs (``AdaptiveModel.generate_rows``); ``fused_one_call_per_tuple``
+shows it without that. Peak memory: in a fresh child process per mode, after one warm-up
 batch, the peak RSS is reset (Linux ``/proc/self/clear_refs``) and the rise of the peak over the
 RSS before the next batch is that mode's working memory.
 
@@ -30,7 +32,9 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from knob_grpo import AdaptiveModel, KnobGRPOConfig, KnobGRPOTrainer, TwoStageController  # noqa: E402
 from knob_grpo.latency import DECODE_FEATURES, TTFT_FEATURES, LatencyProfile  # noqa: E402
 
-MODES = {"naive": ("latency_token", "naive"), "prompt": ("prompt", "auto"), "fused": ("latency_token", "fused")}
+# mode -> (stage2_mode, rollout_mode, batch_rollouts); "fused" is the trainer's default in latency-token mode
+MODES = {"naive": ("latency_token", "naive", False), "prompt": ("prompt", "auto", True), "fused": ("latency_token", "fused", True),
+         "fused_one_call_per_tuple": ("latency_token", "fused", False)}
 G = 5
 
 
@@ -59,13 +63,14 @@ def build(which: str):
 
 
 def trainer_for(executor: AdaptiveModel, mode: str, out: str) -> KnobGRPOTrainer:
-    stage2_mode, rollout = MODES[mode]
+    stage2_mode, rollout, batched = MODES[mode]
     torch.manual_seed(0)
     controller = TwoStageController.for_executor(executor, stage2_mode=stage2_mode, budget_range=(10.0, 100.0))
     profile = LatencyProfile(device="bench", executor=executor.name_or_path, ttft_coef=dict.fromkeys(TTFT_FEATURES, 0.01),
                              decode_coef=dict.fromkeys(DECODE_FEATURES, 0.01))
     args = KnobGRPOConfig(output_dir=out, num_generations=G, per_device_train_batch_size=2 * G, max_completion_length=2,
-                          budget_min_ms=10.0, budget_max_ms=100.0, rollout_mode=rollout, report_to="none")
+                          budget_min_ms=10.0, budget_max_ms=100.0, rollout_mode=rollout, batch_rollouts=batched,
+                          report_to="none")
     from datasets import Dataset
 
     def zero_reward(completions, **kwargs):
@@ -141,7 +146,7 @@ def main() -> None:
         med = {mode: statistics.median(t) for mode, t in times.items()}
         print(f"== {which}: {type(executor.model).__name__}, {executor.num_blocks} blocks, 2 prompts x G={G}")
         for mode in MODES:
-            print(f"  {mode:<7s} {med[mode]:.3f} s per generation batch")
+            print(f"  {mode:<24s} {med[mode]:.3f} s per generation batch")
         mem = {mode: peak_increase_kb(which, mode) for mode in ("naive", "fused")}
         print(f"  peak RSS increase: naive {mem['naive'] / 1024:.1f} MiB, fused {mem['fused'] / 1024:.1f} MiB")
         headline += [

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .architectures import ArchitectureSpec, get_architecture
-from .knobs import Knobs, KnobSpace
+from .knobs import KNOB_NAMES, Knobs, KnobSpace
 
 ADAPTIVE_CONFIG_NAME = "knob_grpo_adaptive.json"
 
@@ -65,12 +65,23 @@ class _Replay:
 
 
 @dataclass
+class _Rows:
+    """Per-row knobs of a batched continuation: row ``r`` runs blocks from ``from_block[r]`` on with
+    ``top_k[r]`` experts (``None``: the model's own) and without the blocks in ``dropped[r]``."""
+
+    from_block: list[int]
+    top_k: list[int | None]
+    dropped: list[frozenset[int]]
+
+
+@dataclass
 class _Active:
     top_k: int | None
     from_block: int
     dropped: frozenset[int]
     recording: _Recording | None = None
     replay: _Replay | None = None
+    rows: _Rows | None = None
     # called once, with the hidden states entering block ``from_block`` in the prefill; returns the
     # ``(top_k, dropped)`` that hold from there on (one-pass controller inference)
     decide: Callable[[torch.Tensor], tuple[int | None, frozenset[int]]] | None = None
@@ -761,6 +772,48 @@ class AdaptiveModel:
             raise RuntimeError(f"the generate never reached block {p}")
         return output, chosen[0]
 
+    @torch.no_grad()
+    def generate_rows(self, prefix: PrefixState, knobs: Sequence[Knobs | dict[str, Any]], **generate_kwargs: Any) -> Any:
+        """Continue one prefix with several configurations in one batched ``generate``.
+
+        Row ``i`` of the result runs ``knobs[i]`` (its ``insertion_position`` at most the prefix's,
+        default the prefix's; any ``top_k`` and ``num_active_blocks``; its ``tier``, if given, must
+        be the prefix's) and gives the same tokens as ``generate(prefix=prefix, **knobs[i])``: each
+        row holds its own top-k in the routers and skips its own dropped blocks, and the blocks
+        between the smallest ``p`` and a row's own ``p`` run at the full setting for it, as the
+        prefill ran them. Rows that finish before the others are padded after their end-of-sequence
+        token, as in any batched ``generate``. One call of transformers' ``generate`` instead of
+        ``len(knobs)``: what fused rollouts use to run a group's tuples. Raises ``ValueError`` on an
+        invalid knob before anything runs.
+        """
+        if prefix.inputs["input_ids"].shape[0] != 1:
+            raise ValueError(f"generate_rows continues a one-prompt prefix; this one has {prefix.inputs['input_ids'].shape[0]} prompts")
+        if not knobs:
+            raise ValueError("generate_rows needs at least one configuration")
+        resolved: list[Knobs] = []
+        for i, row in enumerate(knobs):
+            values = row.as_dict() if isinstance(row, Knobs) else dict(row)
+            unknown = sorted(set(values) - set(KNOB_NAMES))
+            if unknown:
+                raise ValueError(f"knobs[{i}] has unknown knob {unknown[0]!r}; knobs are: {', '.join(KNOB_NAMES)}")
+            tier = values.get("tier")
+            if tier is not None and tier != prefix.tier:
+                raise ValueError(f"knobs[{i}]: tier={tier!r} differs from the prefix's tier {prefix.tier!r}")
+            p = values.get("insertion_position") or prefix.insertion_position
+            if p > prefix.insertion_position:
+                raise ValueError(f"knobs[{i}]: insertion_position={p} is past the prefix, which stopped before block {prefix.insertion_position}")
+            resolved.append(self.resolve(tier=prefix.tier, insertion_position=p, top_k=values.get("top_k"),
+                                         num_active_blocks=values.get("num_active_blocks")))
+        configured = [self._state_for(k) for k in resolved]
+        n, p0 = len(configured), min(c.from_block for c in configured)
+        rows = _Rows([c.from_block for c in configured], [c.top_k for c in configured], [c.dropped for c in configured])
+        state = _Active(top_k=None, from_block=p0, dropped=frozenset(), rows=rows)
+        kv = {i: (_repeat_rows(k, n), _repeat_rows(v, n)) for i, (k, v) in prefix.kv.items() if i < p0}
+        state.replay = _Replay(p0, _repeat_rows(prefix.hidden[p0], n), kv, _repeat_rows(prefix.vision_output, n))
+        inputs = {k: _repeat_rows(v, n) for k, v in prefix.inputs.items()}
+        with self._call_guard(), _activate(state):
+            return self.model.generate(**inputs, **generate_kwargs)
+
     def _generate_controlled(self, text: Any, images: Any, latency_budget: Any, controller: Any, generate_kwargs: dict[str, Any]) -> ControlledGeneration:
         if text is None:
             raise ValueError("generate with a controller needs the raw prompt text (and images)")
@@ -798,6 +851,18 @@ def _wrap_block(original: Callable[..., Any], index: int) -> Callable[..., Any]:
             if index == rec.stop_at:
                 raise _StopPrefill
             return _recording_call(original, index, rec, hidden_states, args, kwargs)
+        if state.rows is not None:
+            drop = [index in d for d in state.rows.dropped]
+            if all(drop):
+                return hidden_states
+            out = original(hidden_states, *args, **kwargs)
+            if any(drop):  # the rows that drop this block keep their input (what the block's residual adds is discarded)
+                keep = torch.tensor(drop, device=hidden_states.device).view(-1, *([1] * (hidden_states.dim() - 1)))
+                if isinstance(out, tuple):
+                    out = (torch.where(keep, hidden_states, out[0]),) + tuple(out[1:])
+                else:
+                    out = torch.where(keep, hidden_states, out)
+            return out
         if index in state.dropped:
             return hidden_states
         return original(hidden_states, *args, **kwargs)
@@ -829,20 +894,48 @@ def _wrap_router(router: nn.Module, original: Callable[..., Any], index: int, re
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         out = original(hidden_states, *args, **kwargs)
         state = _active()
-        if state is None or state.top_k is None or index < state.from_block:
+        rows = state.rows if state is not None else None
+        if rows is not None:
+            top_ks = [k if index >= f else None for k, f in zip(rows.top_k, rows.from_block)]
+            if all(k is None for k in top_ks):
+                return out
+        elif state is None or state.top_k is None or index < state.from_block:
             return out
         if not (isinstance(out, tuple) and len(out) == 3):
             raise RuntimeError(
                 f"router of block {index} ({type(router).__name__}) does not return (logits, scores, indices); "
                 "register an ArchitectureSpec with code for it"
             )
-        logits, scores, _ = out
-        probs = torch.softmax(logits.float(), dim=-1)
-        values, indices = torch.topk(probs, state.top_k, dim=-1)
+        logits, scores, full_indices = out
         norm = getattr(router, "norm_topk_prob", False) if renormalize is None else renormalize
-        if norm:
-            values = values / values.sum(dim=-1, keepdim=True)
-        return logits, values.to(scores.dtype), indices
+
+        def top(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+            values, indices = torch.topk(probs, k, dim=-1)
+            if norm:
+                values = values / values.sum(dim=-1, keepdim=True)
+            return values.to(scores.dtype), indices
+
+        probs = torch.softmax(logits.float(), dim=-1)
+        if rows is None:
+            return (logits, *top(probs, state.top_k))
+        # Per-row top-k in one batch: every row keeps the slots its own top-k gives it (the same
+        # values as a call with that top-k alone); its spare slots repeat its first expert with
+        # weight 0, which adds exactly 0. (The "no expert" index num_experts would skip them, but
+        # transformers' batched expert kernels honour it only under expert parallelism.)
+        n, tokens = len(top_ks), logits.shape[0]
+        if tokens % n:
+            raise RuntimeError(f"router of block {index} saw {tokens} tokens for a batch of {n} rows")
+        per_row = tokens // n
+        width = max([full_indices.shape[-1]] + [k for k in top_ks if k is not None])
+        new_scores = scores.new_zeros(tokens, width)
+        new_indices = torch.empty(tokens, width, dtype=full_indices.dtype, device=full_indices.device)
+        for r, k in enumerate(top_ks):
+            t = slice(r * per_row, (r + 1) * per_row)
+            values, chosen = (scores[t], full_indices[t]) if k is None else top(probs[t], k)
+            new_scores[t, : chosen.shape[-1]] = values
+            new_indices[t] = chosen[:, :1]
+            new_indices[t, : chosen.shape[-1]] = chosen
+        return logits, new_scores, new_indices
 
     forward._knob_grpo = True  # type: ignore[attr-defined]
     return forward
@@ -861,6 +954,20 @@ def _wrap_vision(original: Callable[..., Any]) -> Callable[..., Any]:
 
     forward._knob_grpo = True  # type: ignore[attr-defined]
     return forward
+
+
+def _repeat_rows(value: Any, n: int) -> Any:
+    """``value`` for a batch of ``n`` copies of its one prompt: tensors (batch- or token-major, both
+    with the prompt's rows first) concatenated ``n`` times, containers walked, anything else kept."""
+    if value is None or n == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        return torch.cat([value] * n) if value.dim() else value
+    if isinstance(value, dict):
+        return type(value)(**{k: _repeat_rows(v, n) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return type(value)(_repeat_rows(v, n) for v in value)
+    return value
 
 
 def _copy_output(out: Any) -> Any:

@@ -89,6 +89,12 @@ class KnobGRPOConfig(GRPOConfig):
                   "the partial forward from block p; needs a profile, since a continued prefill cannot be timed as one) "
                   "or 'auto' (fused when the latency comes from a profile)."},
     )
+    batch_rollouts: bool = field(
+        default=True,
+        metadata={"help": "In fused rollouts with greedy decoding, run the tuples continued from one prefix (one request "
+                  "at one tier) as one batched generate, each row with its own knobs (AdaptiveModel.generate_rows): "
+                  "the same tokens as one generate per tuple, for one set-up of the generation loop."},
+    )
     decision_overhead_ms: float = field(
         default=0.0,
         metadata={"help": "Added to every rollout's latency: the controller's own decision time (prompt features and both "

@@ -6,7 +6,10 @@ One generation batch, top to bottom (:meth:`KnobGRPOTrainer._generate_and_score_
            -> stage 2 (top_k, num_active_blocks) -> execute on the frozen executor -> latency
            -> TRL reward functions -> group-relative advantages
 
-and the loss (:meth:`KnobGRPOTrainer._compute_loss`) is a PPO-style clipped policy gradient over
+With a latency profile, rollouts in latency-token mode are fused: one partial forward per request
+and tier serves every row's latency token, and the tuples drawn for that request and tier continue
+from it in one batched generate, each row with its own knobs (``AdaptiveModel.generate_rows``).
+The loss (:meth:`KnobGRPOTrainer._compute_loss`) is a PPO-style clipped policy gradient over
 the per-decision log-probabilities. Everything else (the repeat sampler that puts each prompt's
 G rows together, buffering for ``num_iterations > 1``, logging, checkpoints, ``push_to_hub``)
 is TRL's and transformers' own.
@@ -179,26 +182,42 @@ class KnobGRPOTrainer(GRPOTrainer):
             if self.latency_profile is None:  # measured: this configuration alone, wall clock
                 meter = LatencyMeter(warmup=0, repeats=1, budget_target=args.latency_target)
                 measurement = meter.measure(lambda streamer: executor.generate(**inputs, **knob_kwargs, streamer=streamer, **gen_kwargs))
-                output = meter.last_output
-            else:
-                output = executor.generate(**inputs, **knob_kwargs, **gen_kwargs)
+                completion = meter.last_output[0, inputs["input_ids"].shape[1]:].tolist()
+                return completion, float(measurement.for_target(args.latency_target)) + args.decision_overhead_ms
+            output = executor.generate(**inputs, **knob_kwargs, **gen_kwargs)
+        completion = output[0, inputs["input_ids"].shape[1]:].tolist()
+        return completion, self._profile_latency(inputs, knobs, completion)
+
+    def _execute_rows(self, prefix: PrefixState, tuples: list[Knobs]) -> list[tuple[list[int], float]]:
+        """Run several configurations continued from one prefix as one batched generate (same tokens
+        as :meth:`_execute` on each; a row that ends early is cut after its end-of-sequence token)."""
+        gen_kwargs = dict(self.executor_generation_kwargs, max_new_tokens=self.args.max_completion_length)
+        output = self.executor.generate_rows(prefix, tuples, **gen_kwargs)
+        eos = gen_kwargs.get("eos_token_id", self.executor.model.generation_config.eos_token_id)
+        eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        prompt_length = prefix.inputs["input_ids"].shape[1]
+        results = []
+        for row, knobs in zip(output[:, prompt_length:].tolist(), tuples):
+            ends = [j for j, token in enumerate(row) if token in eos]
+            completion = row[: ends[0] + 1] if ends else row
+            results.append((completion, self._profile_latency(prefix.inputs, knobs, completion)))
+        return results
+
+    def _profile_latency(self, inputs: dict[str, Any], knobs: Knobs, completion: list[int]) -> float:
+        """The profile's latency of ``knobs`` on these prompt inputs, plus the decision overhead."""
+        vision = self.executor.num_vision_tokens(inputs)
         prompt_length = inputs["input_ids"].shape[1]
-        completion = output[0, prompt_length:].tolist()
-        if self.latency_profile is None and not (prefix is not None and self.fused_rollouts):
-            latency = measurement.for_target(args.latency_target)
-        else:
-            vision = executor.num_vision_tokens(inputs)
-            features = dict(
-                vision_tokens=vision,
-                text_tokens=prompt_length - vision,
-                num_active_blocks=knobs.num_active_blocks,
-                top_k=knobs.top_k,
-                insertion_position=knobs.insertion_position,
-                default_top_k=executor.default_top_k,
-                output_tokens=max(1, len(completion)),
-            )
-            latency = self.latency_profile.predict_for_target(features, args.latency_target)
-        return completion, float(latency) + args.decision_overhead_ms
+        features = dict(
+            vision_tokens=vision,
+            text_tokens=prompt_length - vision,
+            num_active_blocks=knobs.num_active_blocks,
+            top_k=knobs.top_k,
+            insertion_position=knobs.insertion_position,
+            default_top_k=self.executor.default_top_k,
+            output_tokens=max(1, len(completion)),
+        )
+        latency = self.latency_profile.predict_for_target(features, self.args.latency_target)
+        return float(latency) + self.args.decision_overhead_ms
 
     # ------------------------------------------------------------------ one generation batch
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -242,17 +261,30 @@ class KnobGRPOTrainer(GRPOTrainer):
         # With a profile and greedy decoding, rows of one request that drew the same tuple give the
         # same tokens and the same latency: run each distinct (request, tuple) once. (Measured
         # latency times every row alone, and sampling gives each row its own draw.)
+        # Fused and greedy, the distinct tuples continued from one prefix run as one batch.
         reuse = self.latency_profile is not None and not self.executor_generation_kwargs.get("do_sample", False)
+        keys = [(prompts[i], _image_key(images[i]), knobs) if reuse else i for i, knobs in enumerate(sample.knobs)]
+        first_row: dict[Any, int] = {}
+        for i, key in enumerate(keys):
+            first_row.setdefault(key, i)
         done: dict[Any, tuple[list[int], float]] = {}
-        completion_ids, latencies = [], []
-        for i, knobs in enumerate(sample.knobs):
-            key = (prompts[i], _image_key(images[i]), knobs) if reuse else i
+        calls = 0
+        if reuse and self.fused_rollouts and args.batch_rollouts:
+            by_prefix: dict[int, list[Any]] = {}
+            for key, i in first_row.items():
+                by_prefix.setdefault(id(prefixes[i]), []).append(key)
+            for batch in by_prefix.values():
+                prefix = prefixes[first_row[batch[0]]]
+                done.update(zip(batch, self._execute_rows(prefix, [sample.knobs[first_row[key]] for key in batch])))
+                calls += 1
+        for key, i in first_row.items():
             if key not in done:
-                done[key] = self._execute(prompts[i], images[i], knobs, prefixes.get(i))
-            ids, latency = done[key]
-            completion_ids.append(list(ids))
-            latencies.append(latency)
+                done[key] = self._execute(prompts[i], images[i], sample.knobs[i], prefixes.get(i))
+                calls += 1
+        completion_ids = [list(done[key][0]) for key in keys]
+        latencies = [done[key][1] for key in keys]
         self._metrics[mode]["executions_per_row"].append(len(done) / len(sample.knobs))
+        self._metrics[mode]["generate_calls_per_row"].append(calls / len(sample.knobs))
         completions = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
         completions = [c.strip() for c in completions]
 

@@ -265,6 +265,72 @@ def test_continuation_refuses_mismatched_knobs(vlm):
         vlm.generate(prefix=state, tier="high")
 
 
+def _rows_equal_their_own_continuations(adaptive, state, configs, out):
+    pad = adaptive.model.generation_config.pad_token_id
+    for row, knobs in zip(out, configs):
+        single = adaptive.generate(prefix=state, **{k: v for k, v in knobs.as_dict().items() if k != "tier"}, **GREEDY)[0]
+        assert torch.equal(row[: single.shape[0]], single), knobs
+        assert (row[single.shape[0]:] == pad).all(), knobs  # a row that ended early is padded after its end
+
+
+@pytest.mark.parametrize("model_type", MOE_TEXT + DENSE_TEXT)
+def test_rows_with_their_own_knobs_equal_separate_continuations_text(model_type):
+    model, tok = tiny_text_model(model_type)
+    adaptive = AdaptiveModel(model, tok)
+    state = adaptive.prefill(PROMPT, insertion_position=2)
+    configs = [k for k in adaptive.knob_space.all_configs() if k.insertion_position <= 2]
+    configs = configs[::2] if len(configs) > 6 else configs
+    assert len(configs) >= 3 and len({k.insertion_position for k in configs}) == 2
+    obs = Observer(adaptive)
+    out = adaptive.generate_rows(state, configs, **GREEDY)
+    obs.close()
+    assert out.shape[0] == len(configs)
+    # one batched generate: every block that ran saw all rows together (prefill, then one token per step)
+    for block, tokens in obs.attn_tokens.items():
+        assert tokens[0] == state.inputs["input_ids"].shape[1] or block < min(k.insertion_position for k in configs)
+    _rows_equal_their_own_continuations(adaptive, state, configs, out)
+
+
+def test_rows_with_their_own_knobs_equal_separate_continuations_vlm(vlm):
+    image = tiny_image(11)
+    state = vlm.prefill(PROMPT, [image], tier="medium", insertion_position=2)
+    configs = [k for k in vlm.knob_space.all_configs() if k.tier == "medium"][::3]
+    assert len({k.top_k for k in configs}) > 1 and len({k.num_active_blocks for k in configs}) > 1
+    obs = Observer(vlm)
+    out = vlm.generate_rows(state, configs, **GREEDY)
+    obs.close()
+    assert obs.vision_tokens == []  # the vision tower is not run again
+    _rows_equal_their_own_continuations(vlm, state, configs, out)
+    # and the same tokens as a plain one-shot generate of each configuration
+    prompt_length = state.inputs["input_ids"].shape[1]
+    for row, knobs in zip(out, configs):
+        plain = vlm.generate(PROMPT, [image], **knobs.as_dict(), **GREEDY)[0]
+        assert torch.equal(row[: plain.shape[0]], plain) and plain.shape[0] > prompt_length
+
+
+def test_rows_refuse_bad_knobs_and_leave_the_model(vlm):
+    image = tiny_image(12)
+    state = vlm.prefill(PROMPT, [image], tier="low", insertion_position=2)
+    reference = vlm.generate(prefix=state, top_k=2, **GREEDY)
+    before = snapshot(vlm.model)
+    good = dict(top_k=2)
+    for bad, message in [
+        (dict(top_k=9), "top_k=9"),
+        (dict(tier="high"), "tier='high' differs"),
+        (dict(insertion_position=3), "insertion_position=3 is past the prefix"),
+        (dict(depth=3), "unknown knob 'depth'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            vlm.generate_rows(state, [good, bad], **GREEDY)
+    with pytest.raises(ValueError, match="at least one"):
+        vlm.generate_rows(state, [], **GREEDY)
+    two = vlm.prefill([PROMPT, PROMPT], [image, image], tier="low", insertion_position=2)
+    with pytest.raises(ValueError, match="one-prompt prefix"):
+        vlm.generate_rows(two, [good], **GREEDY)
+    assert_same_state(vlm.model, before)
+    assert torch.equal(vlm.generate(prefix=state, top_k=2, **GREEDY), reference)
+
+
 def test_decision_at_block_p_equals_prefill_and_continue(vlm):
     """One generate that asks for top_k / num_active_blocks entering block p: the decide function
     sees the prefill's latency token, and the tokens equal prefill + continue with its answer."""

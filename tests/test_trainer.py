@@ -184,6 +184,32 @@ def test_fused_rollouts_give_the_naive_tokens_and_share_prefills(tmp_path):
         assert executor.tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True).strip() == completion
 
 
+def test_batched_rollouts_equal_one_generate_per_tuple(tmp_path):
+    """The tuples continued from one prefix run as one batched generate, with the tokens and
+    latencies of one generate per tuple."""
+    seen = {}
+    for batched in (True, False):
+        trainer, controller, executor = make_trainer(tmp_path / str(batched), stage2_mode="latency_token", max_steps=1,
+                                                     batch_rollouts=batched)
+        calls = []
+        generate_rows = executor.generate_rows
+        executor.generate_rows = lambda *a, **k: calls.append(len(a[1])) or generate_rows(*a, **k)
+        trainer.model.train()
+        rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+        torch.manual_seed(0)
+        trainer._generate_and_score_completions(rows)
+        seen[batched] = dict(knobs=[r["knobs"] for r in rows], latency=[r["latency_ms"] for r in rows],
+                             completions=list(trainer._logs["completion"])[-16:], calls=calls,
+                             calls_per_row=trainer._metrics["train"]["generate_calls_per_row"][-1],
+                             executions_per_row=trainer._metrics["train"]["executions_per_row"][-1])
+    for key in ("knobs", "latency", "completions", "executions_per_row"):
+        assert seen[True][key] == seen[False][key], key
+    distinct = {(r, tuple(sorted(k.items()))) for r, k in zip([0] * 8 + [1] * 8, seen[True]["knobs"])}
+    assert sum(seen[True]["calls"]) == len(distinct) and seen[False]["calls"] == []
+    assert max(seen[True]["calls"]) > 1  # some prefix served several tuples in one call
+    assert seen[True]["calls_per_row"] == len(seen[True]["calls"]) / 16 < seen[False]["calls_per_row"]
+
+
 def test_rows_that_drew_the_same_tuple_run_once(tmp_path):
     """With a profile and greedy decoding a (request, tuple) pair runs once, and its rows get the
     tokens and latency a separate run gives."""
