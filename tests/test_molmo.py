@@ -191,3 +191,15 @@ def test_save_and_load_keeps_crop_tiers(tmp_path):
     assert loaded.tier_crops == adaptive.tier_crops
     knobs = dict(tier="medium", max_new_tokens=3, do_sample=False)
     assert torch.equal(loaded.generate(PROMPT, [big_image(7)], **knobs), adaptive.generate(PROMPT, [big_image(7)], **knobs))
+
+
+def test_rows_continued_from_one_prefix_equal_separate_generates(molmo):
+    """prefill + generate_rows on Molmo2 (crop tiers, pooled image features): each row's tokens are
+    those of a plain generate with its knobs."""
+    image = big_image(6)
+    state = molmo.prefill(PROMPT, [image], tier="medium", insertion_position=2)
+    configs = [dict(insertion_position=1, num_active_blocks=3), dict(insertion_position=2), dict(insertion_position=1)]
+    out = molmo.generate_rows(state, configs, **GREEDY)
+    for row, knobs in zip(out, configs):
+        plain = molmo.generate(PROMPT, [image], tier="medium", **knobs, **GREEDY)[0]
+        assert torch.equal(row[: plain.shape[0]], plain), knobs
