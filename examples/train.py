@@ -37,7 +37,7 @@ class ScriptArguments:
     dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
     question_column: str = field(default="question", metadata={"help": "Column with the question text."})
     answer_column: str = field(default="answer", metadata={"help": "Column with the reference answer."})
-    train_samples: int = field(default=2048, metadata={"help": "Training prompts used (each gets num_generations knob tuples)."})
+    train_samples: int = field(default=4096, metadata={"help": "Training prompts used (each gets num_generations knob tuples)."})
     profile_samples: int = field(default=6, metadata={"help": "Rows of the profile split used to fit the latency profile."})
     profile_configs: int = field(default=16, metadata={"help": "Knob configurations timed for the latency profile (random, with the full and the cheapest)."})
     lookup_samples: int = field(default=48, metadata={"help": "Rows of the profile split the lookup table's static sweep runs on."})

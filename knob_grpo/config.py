@@ -42,9 +42,11 @@ class KnobGRPOConfig(GRPOConfig):
                   "group's or the batch's standard deviation). Prefer 'batch' when rewards carry timing noise."},
     )
     entropy_coef: float = field(
-        default=0.02,
+        default=0.1,
         metadata={"help": "Weight of the policy's mean per-decision entropy, subtracted from the loss: keeps the "
-                  "controller exploring while it learns how the best knobs depend on the budget."},
+                  "controller exploring while it learns how the best knobs depend on the budget and the request. "
+                  "On the embedded default 0.02 let the tier head collapse to the always-fitting low tier within 40 "
+                  "steps; 0.1 keeps it exploring until it gives each question type its own tier."},
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Logging backends (TRL's usual ones)."})
@@ -83,6 +85,12 @@ class KnobGRPOConfig(GRPOConfig):
         default="ttft",
         metadata={"help": "What a budget limits: 'ttft' (time to first token: vision + prefill) or 'end_to_end'."},
     )
+    latency_margin: float = field(
+        default=0.0,
+        metadata={"help": "Latencies predicted by a latency profile are scaled by (1 + latency_margin) before the rewards "
+                  "see them, so the controller leaves room for the spread of real latency around the profile's "
+                  "prediction (run to run, a few percent on a CPU). Measured latencies are not scaled."},
+    )
     rollout_mode: str = field(
         default="auto",
         metadata={"help": "'naive' (latency-token mode: a partial forward, then a separate full generate), 'fused' (continue "
@@ -117,5 +125,7 @@ class KnobGRPOConfig(GRPOConfig):
             raise ValueError(f"latency_target={self.latency_target!r}; allowed: 'ttft', 'end_to_end'")
         if not (math.isfinite(self.decision_overhead_ms) and self.decision_overhead_ms >= 0):
             raise ValueError(f"decision_overhead_ms={self.decision_overhead_ms!r} must be a finite number of ms >= 0")
+        if not (math.isfinite(self.latency_margin) and 0 <= self.latency_margin < 1):
+            raise ValueError(f"latency_margin={self.latency_margin!r} must be a fraction in [0, 1)")
         if self.rollout_mode not in ("auto", "naive", "fused"):
             raise ValueError(f"rollout_mode={self.rollout_mode!r}; allowed: 'auto', 'naive', 'fused'")

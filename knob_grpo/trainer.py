@@ -204,7 +204,8 @@ class KnobGRPOTrainer(GRPOTrainer):
         return results
 
     def _profile_latency(self, inputs: dict[str, Any], knobs: Knobs, completion: list[int]) -> float:
-        """The profile's latency of ``knobs`` on these prompt inputs, plus the decision overhead."""
+        """The profile's latency of ``knobs`` on these prompt inputs, with the configured margin, plus
+        the decision overhead."""
         vision = self.executor.num_vision_tokens(inputs)
         prompt_length = inputs["input_ids"].shape[1]
         features = dict(
@@ -217,7 +218,7 @@ class KnobGRPOTrainer(GRPOTrainer):
             output_tokens=max(1, len(completion)),
         )
         latency = self.latency_profile.predict_for_target(features, self.args.latency_target)
-        return float(latency) + self.args.decision_overhead_ms
+        return float(latency) * (1 + self.args.latency_margin) + self.args.decision_overhead_ms
 
     # ------------------------------------------------------------------ one generation batch
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -241,3 +241,17 @@ def test_decision_overhead_is_added_to_every_rollout_latency(tmp_path):
         assert row["latency_ms"] == pytest.approx(without + 7.5)
     with pytest.raises(ValueError, match="decision_overhead_ms=-1.0"):
         KnobGRPOConfig(output_dir=str(tmp_path / "bad"), decision_overhead_ms=-1.0)
+
+
+def test_latency_margin_scales_profiled_latency(tmp_path):
+    plain, _, _ = make_trainer(tmp_path / "plain", max_steps=1)
+    trainer, _, _ = make_trainer(tmp_path / "margin", max_steps=1, latency_margin=0.1, decision_overhead_ms=2.0)
+    trainer.model.train()
+    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    trainer._generate_and_score_completions(rows)
+    for row in rows:
+        _, without = plain._execute(row["prompt"], None, Knobs(**row["knobs"]), None)
+        assert row["latency_ms"] == pytest.approx(without * 1.1 + 2.0)  # the margin scales the profile, not the overhead
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="latency_margin="):
+            KnobGRPOConfig(output_dir=str(tmp_path / "bad"), latency_margin=bad)

@@ -1,7 +1,8 @@
-"""The project's embedded default: a tiny MoE vision-language model and a visual task where every knob matters.
+"""The project's embedded default: a tiny MoE vision-language model and a visual task whose question types need different tiers.
 
 * :mod:`.task` — procedurally drawn visual questions (four types: ``colour`` needs little,
-  ``stripes`` needs the medium tier, ``pattern`` the high tier's detail, ``compare`` depth) as
+  ``stripes`` needs the medium tier, ``pattern`` the high tier's 1-pixel detail, ``compare``
+  counting, a little better above the low tier) as
   ``datasets.Dataset`` splits from fixed seeds: :func:`make_task_dataset`.
 * :mod:`.model` — a tiny ``Qwen3VLMoeForConditionalGeneration`` (8 blocks, 8 experts, top-4),
   its word-level tokenizer and pillow-only processor, the tier pixel budgets

@@ -16,7 +16,13 @@ What one step does:
 * applies the tier through the processor's pixel budget and the other knobs with
   ``AdaptiveModel.configured`` (``apply_knobs`` below): ordinary forward and backward passes;
 * loss: cross-entropy on the answer word and the closing ``<|im_end|>`` only (labels -100 on the
-  prompt and the image), plus the router load-balancing loss (coefficient
+  prompt and the image). Question types in ``--full_depth_types`` (default ``compare``) count only
+  in steps whose language model runs every block at the full top-k: the model learns them at full
+  depth and is never taught to answer them with fewer blocks or experts (the other types are
+  trained robust to every knob). The robustness carries over anyway: on the committed weights
+  neither dropped blocks nor a smaller top-k cost ``compare`` more than 2 points on the test split
+  (``python -m knob_grpo.embedded.sweep``). Plus the
+  router load-balancing loss (coefficient
   ``router_aux_loss_coef`` = 0.01 from the config);
 * AdamW (lr ``--lr`` with linear warm-up then cosine decay to 10%), gradient clipping at 1.0.
 
@@ -98,8 +104,10 @@ def format_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def encode(processor, examples: list[dict[str, Any]], tier: str, with_answers: bool = True) -> dict[str, torch.Tensor]:
-    """Processor inputs (left-padded) and, with answers, labels on the answer tokens only."""
+def encode(processor, examples: list[dict[str, Any]], tier: str, with_answers: bool = True,
+           skip_types: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Processor inputs (left-padded) and, with answers, labels on the answer tokens only
+    (none for the rows whose question type is in ``skip_types``)."""
     eos = processor.tokenizer.eos_token
     texts = []
     for ex in examples:
@@ -120,6 +128,9 @@ def encode(processor, examples: list[dict[str, Any]], tier: str, with_answers: b
     if with_answers:
         labels = torch.full_like(enc["input_ids"], IGNORE)
         labels[:, -2:] = enc["input_ids"][:, -2:]  # answer word + <|im_end|> (left padding: they end the row)
+        for row, ex in enumerate(examples):
+            if ex["qtype"] in skip_types:
+                labels[row] = IGNORE
         enc["labels"] = labels
     return enc
 
@@ -127,8 +138,10 @@ def encode(processor, examples: list[dict[str, Any]], tier: str, with_answers: b
 class KnobSampler:
     """Draws one training configuration per step (see the module docstring)."""
 
-    def __init__(self, space, seed: int, tier_probs: dict[str, float], full_prob: float, random_drop_prob: float = 0.5):
+    def __init__(self, space, seed: int, tier_probs: dict[str, float], full_prob: float, random_drop_prob: float = 0.5,
+                 drop_blocks: bool = True):
         self.space = space
+        self.drop_blocks = drop_blocks
         self.rng = random.Random(seed)
         self.tiers = list(tier_probs)
         self.weights = [tier_probs[t] for t in self.tiers]
@@ -143,6 +156,8 @@ class KnobSampler:
         p = self.rng.choice(self.space.insertion_positions)
         k = self.rng.choice(self.space.top_k_options)
         b = self.rng.choice(self.space.block_options(p))
+        if not self.drop_blocks:
+            b = self.space.num_blocks
         dropped = None
         n_drop = self.space.num_blocks - b
         if n_drop and self.rng.random() < self.random_drop_prob:
@@ -184,8 +199,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--weight_decay", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tier_probs", default="low=0.25,medium=0.25,high=0.5")
-    ap.add_argument("--full_prob", type=float, default=0.35, help="probability that p/top_k/blocks are at the full setting")
+    ap.add_argument("--full_prob", type=float, default=0.5, help="probability that p/top_k/blocks are at the full setting")
     ap.add_argument("--no_knobs", action="store_true", help="plain training: full p/top_k/blocks every step")
+    ap.add_argument("--no_block_drops", action="store_true", help="never drop blocks while training (top_k and tier still vary)")
+    ap.add_argument("--full_depth_types", default="compare",
+                    help="comma-separated question types trained only at full top_k and blocks ('' for none)")
     ap.add_argument("--eval_every", type=int, default=250)
     ap.add_argument("--eval_size", type=int, default=160)
     ap.add_argument("--log_every", type=int, default=25)
@@ -211,6 +229,10 @@ def main(argv=None) -> dict[str, Any]:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tier_probs = {k: float(v) for k, v in (kv.split("=") for kv in args.tier_probs.split(","))}
+    full_depth_types = frozenset(t for t in args.full_depth_types.split(",") if t)
+    unknown = full_depth_types - set(QUESTION_TYPES)
+    if unknown:
+        raise ValueError(f"--full_depth_types has unknown question types {sorted(unknown)}; types are {QUESTION_TYPES}")
 
     if args.init_from:
         model, processor = M.load_embedded_default(args.init_from)
@@ -220,7 +242,8 @@ def main(argv=None) -> dict[str, Any]:
     model.train()
     apply_knobs, adaptive = make_knob_applier(model, processor)
     space = M.knob_space()
-    sampler = KnobSampler(space, args.seed, tier_probs, 1.0 if args.no_knobs else args.full_prob)
+    sampler = KnobSampler(space, args.seed, tier_probs, 1.0 if args.no_knobs else args.full_prob,
+                          drop_blocks=not args.no_block_drops)
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
@@ -260,7 +283,8 @@ def main(argv=None) -> dict[str, Any]:
     for step in range(start_step, args.max_steps):
         knobs, dropped = sampler()
         examples = [make_example("train", step * args.batch_size + j) for j in range(args.batch_size)]
-        enc = encode(processor, examples, knobs.tier)
+        reduced_depth = knobs.top_k < full.top_k or knobs.num_active_blocks < full.num_active_blocks
+        enc = encode(processor, examples, knobs.tier, skip_types=full_depth_types if reduced_depth else frozenset())
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         with apply_knobs(knobs, dropped):
