@@ -678,12 +678,8 @@ class AdaptiveModel:
         if prefix is not None:
             if text is not None or images is not None:
                 raise ValueError("with prefix=..., the prompt is the prefix's: do not pass text or images")
-            if tier is not None and tier != prefix.tier:
-                raise ValueError(f"tier={tier!r} differs from the prefix's tier {prefix.tier!r}")
-            p = prefix.insertion_position if insertion_position is None else insertion_position
-            if p > prefix.insertion_position:
-                raise ValueError(f"insertion_position={p} is past the prefix, which stopped before block {prefix.insertion_position}")
-            knobs = self.resolve(tier=prefix.tier, insertion_position=p, top_k=top_k, num_active_blocks=num_active_blocks)
+            knobs = self._resolve_on_prefix(prefix, tier, insertion_position, top_k, num_active_blocks)
+            p = knobs.insertion_position
             state = self._state_for(knobs)
             state.replay = _Replay(p, prefix.hidden[p], {i: prefix.kv[i] for i in range(p)}, prefix.vision_output)
             inputs = dict(prefix.inputs)
@@ -772,6 +768,16 @@ class AdaptiveModel:
             raise RuntimeError(f"the generate never reached block {p}")
         return output, chosen[0]
 
+    def _resolve_on_prefix(self, prefix: PrefixState, tier: str | None, insertion_position: int | None,
+                           top_k: int | None, num_active_blocks: int | None) -> Knobs:
+        """The knobs of a continuation of ``prefix``: its tier, ``p`` at most its own (default: its own)."""
+        if tier is not None and tier != prefix.tier:
+            raise ValueError(f"tier={tier!r} differs from the prefix's tier {prefix.tier!r}")
+        p = prefix.insertion_position if insertion_position is None else insertion_position
+        if p > prefix.insertion_position:
+            raise ValueError(f"insertion_position={p} is past the prefix, which stopped before block {prefix.insertion_position}")
+        return self.resolve(tier=prefix.tier, insertion_position=p, top_k=top_k, num_active_blocks=num_active_blocks)
+
     @torch.no_grad()
     def generate_rows(self, prefix: PrefixState, knobs: Sequence[Knobs | dict[str, Any]], **generate_kwargs: Any) -> Any:
         """Continue one prefix with several configurations in one batched ``generate``.
@@ -796,14 +802,11 @@ class AdaptiveModel:
             unknown = sorted(set(values) - set(KNOB_NAMES))
             if unknown:
                 raise ValueError(f"knobs[{i}] has unknown knob {unknown[0]!r}; knobs are: {', '.join(KNOB_NAMES)}")
-            tier = values.get("tier")
-            if tier is not None and tier != prefix.tier:
-                raise ValueError(f"knobs[{i}]: tier={tier!r} differs from the prefix's tier {prefix.tier!r}")
-            p = values.get("insertion_position") or prefix.insertion_position
-            if p > prefix.insertion_position:
-                raise ValueError(f"knobs[{i}]: insertion_position={p} is past the prefix, which stopped before block {prefix.insertion_position}")
-            resolved.append(self.resolve(tier=prefix.tier, insertion_position=p, top_k=values.get("top_k"),
-                                         num_active_blocks=values.get("num_active_blocks")))
+            try:
+                resolved.append(self._resolve_on_prefix(prefix, values.get("tier"), values.get("insertion_position"),
+                                                        values.get("top_k"), values.get("num_active_blocks")))
+            except ValueError as error:
+                raise ValueError(f"knobs[{i}]: {error}") from None
         configured = [self._state_for(k) for k in resolved]
         n, p0 = len(configured), min(c.from_block for c in configured)
         rows = _Rows([c.from_block for c in configured], [c.top_k for c in configured], [c.dropped for c in configured])
