@@ -114,8 +114,11 @@ def test_pattern_textures_survive_only_the_high_tier():
     from knob_grpo.embedded.task import IMAGE_SIZE, PATTERN_NOISE, PATTERNS, _DRAWERS
 
     resample = build_processor().image_processor.resample
-    yy, xx = np.mgrid[0:64, 0:64]
-    textures = {"rows": yy % 2 == 0, "columns": xx % 2 == 0, "checks": (xx + yy) % 2 == 0, "bricks": (xx // 2 + yy) % 2 == 0}
+    def texture_masks(side: int) -> dict:
+        yy, xx = np.mgrid[0:side, 0:side]
+        return {"rows": yy % 2 == 0, "columns": xx % 2 == 0, "checks": (xx + yy) % 2 == 0, "bricks": (xx // 2 + yy) % 2 == 0}
+
+    textures = texture_masks(64)
     assert set(textures) == set(PATTERNS)
     resized = {}
     for name, mask in textures.items():
@@ -134,8 +137,7 @@ def test_pattern_textures_survive_only_the_high_tier():
             assert max(gaps.values()) <= PATTERN_NOISE / 2, (tier, gaps)
     # the drawer draws exactly these textures: the square sits on the 16 px grid, so the dark pixels
     # follow the answer's texture in image coordinates (all but the frame and the clutter)
-    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
-    textures = {"rows": yy % 2 == 0, "columns": xx % 2 == 0, "checks": (xx + yy) % 2 == 0, "bricks": (xx // 2 + yy) % 2 == 0}
+    textures = texture_masks(IMAGE_SIZE)
     for seed in range(12):
         image, answer = _DRAWERS["pattern"](np.random.default_rng([7, seed]))
         dark = np.asarray(image).astype(int).sum(axis=2) < 3 * 135
