@@ -5,9 +5,10 @@
     accelerate launch examples/train.py --model_name_or_path ORG/MODEL --dataset_name ORG/DATA \
         --question_column question --image_column image --answer_column answer --push_to_hub
 
-Steps: load the executor -> fit a latency profile on this device -> train the controller with
-KnobGRPOTrainer -> evaluate it against the lookup table, the full model and the oracle with
-measured latency -> write the table, the Pareto plot and the controller checkpoint.
+Steps: load the executor -> fit a latency profile on this device, and measure how far single runs
+exceed it (the latency margin) and what the controller's decision adds to a request -> train the
+controller with KnobGRPOTrainer -> evaluate it against the lookup table, the full model and the
+oracle with measured latency -> write the table, the Pareto plot and the controller checkpoint.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from trl import TrlParser  # noqa: E402
 
 from knob_grpo import AdaptiveModel, KnobGRPOConfig, KnobGRPOTrainer, TwoStageController  # noqa: E402
 from knob_grpo.evaluation import evaluate_budgets  # noqa: E402
-from knob_grpo.profiling import fit_profile, measure_decision_overhead, profile_executor, suggest_budget_range  # noqa: E402
+from knob_grpo.profiling import (fit_profile, measure_decision_overhead, profile_executor, suggest_budget_range,  # noqa: E402
+                                suggest_latency_margin)
 from knob_grpo.rewards import exact_match_reward, make_budget_reward, within_budget  # noqa: E402
 
 
@@ -37,7 +39,7 @@ class ScriptArguments:
     dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
     question_column: str = field(default="question", metadata={"help": "Column with the question text."})
     answer_column: str = field(default="answer", metadata={"help": "Column with the reference answer."})
-    train_samples: int = field(default=4096, metadata={"help": "Training prompts used (each gets num_generations knob tuples)."})
+    train_samples: int = field(default=3584, metadata={"help": "Training prompts used (each gets num_generations knob tuples)."})
     profile_samples: int = field(default=6, metadata={"help": "Rows of the profile split used to fit the latency profile."})
     profile_configs: int = field(default=16, metadata={"help": "Knob configurations timed for the latency profile (random, with the full and the cheapest)."})
     lookup_samples: int = field(default=48, metadata={"help": "Rows of the profile split the lookup table's static sweep runs on."})
@@ -45,11 +47,21 @@ class ScriptArguments:
     eval_samples: int = field(default=96, metadata={"help": "Rows evaluated per budget."})
     budget_penalty: float = field(default=-0.5, metadata={"help": "Reward of a rollout over its budget (whose answer then counts "
                                                           "for nothing): below a wrong answer in time (0)."})
+    slack_bonus: float = field(default=0.0, metadata={"help": "Reward for budget left unused (make_budget_reward). With TRL's "
+                                                      "per-group scaling, groups that tie in accuracy turn it into full-size "
+                                                      "advantages: on the embedded default 0.1 sent every request to the low tier."})
     eval_budgets: list[float] | None = field(default=None, metadata={"help": "Budgets (ms) of the sweep; default: 5, spaced geometrically over the budget range."})
     stage2_mode: str = field(default="latency_token", metadata={"help": "'latency_token' or 'prompt'."})
     budget_range_from_profile: bool = field(default=True, metadata={"help": "Set the budget range from the profiled cheapest and full latency."})
     measure_decision_overhead: bool = field(
-        default=True, metadata={"help": "Measure the controller's decision time and add it to every rollout's latency."})
+        default=True, metadata={"help": "Measure what the controller's decision adds to a request and add it to every rollout's latency."})
+    overhead_samples: int = field(default=16, metadata={"help": "Rows of the profile split the decision overhead is measured on."})
+    latency_margin_from_profile: bool = field(
+        default=True, metadata={"help": "Set KnobGRPOConfig.latency_margin to how far the slowest 5% of single timed runs exceed "
+                                "the profile's prediction (suggest_latency_margin), so the controller keeps that room "
+                                "under each budget."})
+    margin_samples: int = field(default=16, metadata={"help": "Rows of the profile split (after the profile's own) timed once "
+                                                         "per profiled configuration to measure the latency margin."})
     random_executor: bool = field(
         default=False,
         metadata={"help": "Use the embedded architecture with randomly initialised weights: the whole pipeline runs "
@@ -58,11 +70,12 @@ class ScriptArguments:
 
 
 def load_data(script: ScriptArguments, image_column: str):
+    profile_rows = max(script.profile_samples + script.margin_samples, script.overhead_samples, script.lookup_samples)
     if script.dataset_name is None:
         from knob_grpo.embedded import make_task_dataset
 
         return (make_task_dataset("train", script.train_samples),
-                make_task_dataset("validation", max(script.profile_samples, script.lookup_samples)),
+                make_task_dataset("validation", profile_rows),
                 make_task_dataset("test", script.eval_samples))
     from datasets import load_dataset, load_from_disk
 
@@ -75,7 +88,7 @@ def load_data(script: ScriptArguments, image_column: str):
         return part.rename_columns({k: v for k, v in rename.items() if k != v and k in part.column_names})
 
     return (take(script.dataset_train_split, script.train_samples),
-            take(script.dataset_profile_split, max(script.profile_samples, script.lookup_samples)),
+            take(script.dataset_profile_split, profile_rows),
             take(script.dataset_test_split, script.eval_samples))
 
 
@@ -97,15 +110,30 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
 
     # 1. a latency profile of this device: noise-free rewards, and rollouts may share work
     # (measured once, on the main process, and shared: every process must reward with the same profile)
-    shared = [None, None, None]
+    shared = [None, None, None, None]
     if state.is_main_process:
-        records = profile_executor(executor, list(profile_data)[: script.profile_samples], configs=script.profile_configs, repeats=2)
-        shared = [records, *fit_profile(executor, records=records)]
+        rows = list(profile_data)
+        records = profile_executor(executor, rows[: script.profile_samples], configs=script.profile_configs, repeats=2)
+        profile, report = fit_profile(executor, records=records)
+        margin = None
+        if script.latency_margin_from_profile:  # single runs on other rows, as the evaluation times them
+            fresh = rows[script.profile_samples: script.profile_samples + script.margin_samples]
+            if not fresh:
+                raise ValueError(f"the profile split has {len(rows)} rows, all used by the profile (profile_samples="
+                                 f"{script.profile_samples}): the latency margin needs others (or --latency_margin_from_profile false)")
+            single = profile_executor(executor, fresh, configs=script.profile_configs, repeats=1, seed=1)
+            margin = suggest_latency_margin(profile, single, args.latency_target)
+        shared = [records, profile, report, margin]
     broadcast_object_list(shared)
-    records, profile, report = shared
+    records, profile, report, margin = shared
     if state.is_main_process:
         print(f"latency profile: held-out median error {report['ttft_mdape_pct']:.1f}% (time to first token), "
               f"{report['end_to_end_mdape_pct']:.1f}% (end to end)")
+    if margin is not None:
+        if margin >= 1:
+            raise ValueError(f"5% of single runs exceed the profile's prediction by {margin:.0%} or more; a latency margin "
+                             "must be below 100% (profile on a quieter machine, or pass --latency_margin_from_profile false)")
+        args.latency_margin = round(margin, 3)
 
     # the controller's own decision time is part of every request's latency: rollouts add it
     def new_controller():
@@ -113,20 +141,21 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
                                                budget_range=(args.budget_min_ms, args.budget_max_ms))
 
     if script.measure_decision_overhead:
-        texts = [str(r["question"]) for r in profile_data][: script.profile_samples]
-        overhead = [measure_decision_overhead(executor, new_controller(), texts)
-                    if state.is_main_process else None]
+        rows = list(profile_data.select(range(min(script.overhead_samples, len(profile_data)))))
+        overhead = [measure_decision_overhead(executor, new_controller(), rows) if state.is_main_process else None]
         broadcast_object_list(overhead)
         args.decision_overhead_ms = round(overhead[0], 2)
     if script.budget_range_from_profile and records:
-        args.budget_min_ms, args.budget_max_ms = suggest_budget_range(records, args.latency_target, args.decision_overhead_ms)
+        args.budget_min_ms, args.budget_max_ms = suggest_budget_range(records, args.latency_target, args.decision_overhead_ms,
+                                                                      latency_margin=args.latency_margin)
     if state.is_main_process:
-        print(f"decision overhead {args.decision_overhead_ms:.2f} ms; budget range {args.budget_min_ms}-{args.budget_max_ms} ms")
+        print(f"decision overhead {args.decision_overhead_ms:.2f} ms; latency margin {args.latency_margin:.3f}; "
+              f"budget range {args.budget_min_ms}-{args.budget_max_ms} ms")
 
     # 2. GRPO over knob tuples
     torch.manual_seed(args.seed)
     controller = new_controller()
-    rewards = [within_budget(exact_match_reward), make_budget_reward(penalty=script.budget_penalty)]
+    rewards = [within_budget(exact_match_reward), make_budget_reward(penalty=script.budget_penalty, slack_bonus=script.slack_bonus)]
     trainer = KnobGRPOTrainer(controller, executor, rewards, args=args,
                               train_dataset=train, latency_profile=profile)
     trainer.train()

@@ -23,7 +23,7 @@ from .controller import ControllerConfig, TwoStageController
 from .evaluation import EvaluationResult, evaluate_budgets
 from .knobs import KNOB_NAMES, Knobs, KnobSpace
 from .latency import LatencyMeasurement, LatencyMeter, LatencyProfile
-from .profiling import fit_profile, measure_decision_overhead, profile_executor, suggest_budget_range
+from .profiling import fit_profile, measure_decision_overhead, profile_executor, suggest_budget_range, suggest_latency_margin
 from .trainer import KnobGRPOTrainer
 
 __version__ = "0.1.0"
@@ -51,5 +51,6 @@ __all__ = [
     "profile_executor",
     "register_architecture",
     "suggest_budget_range",
+    "suggest_latency_margin",
     "__version__",
 ]

@@ -67,11 +67,13 @@ class KnobGRPOConfig(GRPOConfig):
     budget_min_ms: float = field(default=170.0, metadata={"help": "Lower end of the budget range in ms (research system: 170)."})
     budget_max_ms: float = field(default=380.0, metadata={"help": "Upper end of the budget range in ms (research system: 380)."})
     budget_sampling: str = field(
-        default="log_uniform",
-        metadata={"help": "How budgets are drawn when the dataset has none: 'log_uniform' (default) or 'uniform' (the "
-                  "research system) over the range. Configurations' latencies spread geometrically (each knob scales "
-                  "the cost), so the budgets at which the best choice changes crowd at the low end: log-uniform draws "
-                  "put as many budgets between 20 and 30 ms as between 40 and 60. The draw depends on the prompt and "
+        default="uniform",
+        metadata={"help": "How budgets are drawn when the dataset has none: 'uniform' (default, as in the research system) "
+                  "or 'log_uniform' over the range. Log-uniform puts more draws at the low end, where configurations' "
+                  "latencies crowd; uniform puts more where only the slowest, most accurate ones fit. On the embedded "
+                  "default only the slowest tier answers one question type; with log-uniform draws (~16% of them leave "
+                  "room for that tier) the controller's tier head settled on the two cheaper tiers before it found "
+                  "that type in some runs. The draw depends on the prompt and "
                   "the step only, so every member of a group, on every process, gets the same budget."},
     )
 
@@ -89,7 +91,8 @@ class KnobGRPOConfig(GRPOConfig):
         default=0.0,
         metadata={"help": "Latencies predicted by a latency profile are scaled by (1 + latency_margin) before the rewards "
                   "see them, so the controller leaves room for the spread of real latency around the profile's "
-                  "prediction (run to run, a few percent on a CPU). Measured latencies are not scaled."},
+                  "prediction (run to run, a few percent on a CPU). LatencyProfile.holdout_excess measures it on "
+                  "held-out runs (examples/train.py does). Measured latencies are not scaled."},
     )
     rollout_mode: str = field(
         default="auto",
@@ -105,9 +108,10 @@ class KnobGRPOConfig(GRPOConfig):
     )
     decision_overhead_ms: float = field(
         default=0.0,
-        metadata={"help": "Added to every rollout's latency: the controller's own decision time (prompt features and both "
-                  "stages), which a request pays for at inference but a rollout's executor latency does not contain. "
-                  "Measure it with knob_grpo.profiling.measure_decision_overhead (examples/train.py does)."},
+        metadata={"help": "Added to every rollout's latency: what letting the controller decide adds to a request (prompt "
+                  "features, both stages, the generate split at block p), which a request pays for at inference but a "
+                  "rollout's profiled latency does not contain. Measure it with "
+                  "knob_grpo.profiling.measure_decision_overhead (examples/train.py does)."},
     )
     executor_generation_kwargs: dict[str, Any] | str | None = field(
         default=None,

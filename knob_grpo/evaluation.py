@@ -54,8 +54,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import torch
-
 from .knobs import Knobs
 from .latency import (
     BUDGET_TARGETS,
@@ -73,6 +71,7 @@ from .latency import (
 from .profiling import (
     _rows,
     config_job,
+    controller_job,
     prepare_sample_inputs,
     resolve_configs,
     run_timed_jobs,
@@ -553,39 +552,6 @@ def static_sweep(
     )
 
 
-# ============================================================================ the controller
-
-
-def _controller_job(adaptive: Any, controller: Any, text: str, has_image: bool, row_index: int, budget: float,
-                    prepared: Mapping[tuple[int, str | None], Any], extra: Mapping[str, Any], record: dict[str, Any]) -> Callable[[Any], Any]:
-    """A ``generate_fn(streamer)`` that decides (timed) and then generates with the decision."""
-    from .controller import prompt_features
-
-    latency_token_mode = controller.stage2_mode == "latency_token"
-
-    def generate(streamer: Any) -> Any:
-        with torch.inference_mode():
-            language = prompt_features(adaptive, [text])
-            if latency_token_mode:  # stage 2 runs inside the one generate, at block p (no second generation loop)
-                tier, p = controller.decide_stage1(language, [budget])[0]
-                tier = tier if has_image else None
-                record["prompt_len"] = prepared[(row_index, tier)]["input_ids"].shape[-1]
-                decide = controller.stage2_decider(language, budget, tier, p)
-                output, knobs = adaptive.generate_with_decision(**prepared[(row_index, tier)], decide=decide, insertion_position=p,
-                                                                streamer=streamer, **extra)
-                record["knobs"] = dataclasses.replace(knobs, tier=tier)  # the tier the inputs were prepared at
-                return output
-            knobs = controller.decide(language, [budget])[0]
-            if not has_image:
-                knobs = dataclasses.replace(knobs, tier=None)
-            record["knobs"] = knobs
-            record["prompt_len"] = prepared[(row_index, knobs.tier)]["input_ids"].shape[-1]
-            return adaptive.generate(**prepared[(row_index, knobs.tier)], insertion_position=knobs.insertion_position,
-                                     top_k=knobs.top_k, num_active_blocks=knobs.num_active_blocks, streamer=streamer, **extra)
-
-    return generate
-
-
 # ============================================================================ the sweep
 
 
@@ -700,11 +666,13 @@ def evaluate_budgets(
         jobs = _static_jobs(adaptive, rows, static, prepared, extra)
         records: dict[tuple[float, int], dict[str, Any]] = {}
         ctrl_jobs = []
+        by_row: dict[int, dict[str | None, Any]] = collections.defaultdict(dict)
+        for (i, tier), inputs in prepared.items():
+            by_row[i][tier] = inputs
         for budget in budgets:
             for i, row in enumerate(rows):
                 records[(budget, i)] = {}
-                fn = _controller_job(adaptive, controller, sample_text(row, i), sample_image(row) is not None, i, budget,
-                                     prepared, extra, records[(budget, i)])
+                fn = controller_job(adaptive, controller, sample_text(row, i), budget, by_row[i], records[(budget, i)], **extra)
                 ctrl_jobs.append((("controller", budget, i), fn))
         warm = _warmup_jobs(adaptive, prepared, warmup, extra)
         warm += [fn for (_, budget, i), fn in ctrl_jobs if i == 0] * (1 if warmup else 0)

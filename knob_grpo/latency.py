@@ -514,10 +514,24 @@ class LatencyProfile:
         The measured end-to-end is ``end_to_end_ms`` if the record has it, else
         ``ttft_ms + (output_tokens - 1) * decode_ms_per_token``.
         """
+        return {target: statistics.median(abs(predicted - measured) / measured * 100 for measured, predicted in pairs)
+                for target, pairs in self._measured_and_predicted(records).items()}
+
+    def holdout_excess(self, records: Sequence[Any], q: float = 95.0) -> dict[str, float]:
+        """How far measured latency runs over the prediction: the ``q``-th percentile (in %) of
+        ``(measured - predicted) / predicted`` on measured records, ``{"ttft", "end_to_end"}``.
+
+        A prediction scaled by ``1 + excess / 100`` is exceeded by about ``100 - q`` % of such runs,
+        which makes it a :attr:`KnobGRPOConfig.latency_margin` measured for this profile.
+        """
+        return {target: percentile([(measured - predicted) / predicted * 100 for measured, predicted in pairs], q)
+                for target, pairs in self._measured_and_predicted(records).items()}
+
+    def _measured_and_predicted(self, records: Sequence[Any]) -> dict[str, list[tuple[float, float]]]:
         records = [_as_record(r) for r in records]
         if not records:
             raise ValueError("holdout_error got no records")
-        ttft_err, e2e_err = [], []
+        out: dict[str, list[tuple[float, float]]] = {"ttft": [], "end_to_end": []}
         for i, r in enumerate(records):
             if r.ttft_ms is None:
                 raise ValueError(f"holdout record {i} has no ttft_ms")
@@ -533,9 +547,9 @@ class LatencyProfile:
             if measured_ttft <= 0:
                 raise ValueError(f"holdout record {i} has ttft_ms={measured_ttft}; percentage errors need > 0")
             predicted = self.predict(r)
-            ttft_err.append(abs(predicted["ttft_ms"] - measured_ttft) / measured_ttft * 100)
-            e2e_err.append(abs(predicted["end_to_end_ms"] - measured_e2e) / measured_e2e * 100)
-        return {"ttft": statistics.median(ttft_err), "end_to_end": statistics.median(e2e_err)}
+            out["ttft"].append((measured_ttft, predicted["ttft_ms"]))
+            out["end_to_end"].append((measured_e2e, predicted["end_to_end_ms"]))
+        return out
 
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:

@@ -31,6 +31,7 @@ default ``clock="wall"`` measures what a request experiences on the machine as i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import statistics
@@ -58,6 +59,7 @@ __all__ = [
     "prepare_sample_inputs",
     "run_timed_jobs",
     "config_job",
+    "controller_job",
     "sweep_configs",
     "profile_executor",
     "split_by_group",
@@ -67,6 +69,7 @@ __all__ = [
     "torch_threads",
     "measure_decision_overhead",
     "suggest_budget_range",
+    "suggest_latency_margin",
 ]
 
 SPLIT_MODES: tuple[str, ...] = ("pair", "config", "input")
@@ -280,6 +283,45 @@ def config_job(adaptive: Any, knobs: Knobs, inputs: Mapping[str, Any], **generat
                 streamer=streamer,
                 **generate_kwargs,
             )
+
+    return generate
+
+
+def controller_job(adaptive: Any, controller: Any, text: str, budget: float, prepared: Mapping[str | None, Mapping[str, Any]],
+                   record: dict[str, Any], **generate_kwargs: Any) -> Callable[[Any], Any]:
+    """A ``generate_fn(streamer)`` that lets ``controller`` decide for ``budget`` (ms), then generates.
+
+    Everything a request pays for is inside the timed call: prompt features, stage 1, and either
+    stage 2 before the generate (prompt mode) or stage 2 at block ``p`` inside it (latency-token
+    mode). ``prepared`` maps each tier to the request's prepared inputs (``{None: ...}`` for a
+    text-only request). Each call stores the knobs it ran in ``record["knobs"]`` and the prompt
+    length in ``record["prompt_len"]``.
+    """
+    from .controller import prompt_features
+
+    has_image = None not in prepared
+    latency_token_mode = controller.stage2_mode == "latency_token"
+
+    def generate(streamer: Any) -> Any:
+        with torch.inference_mode():
+            language = prompt_features(adaptive, [text])
+            if latency_token_mode:  # stage 2 runs inside the one generate, at block p (no second generation loop)
+                tier, p = controller.decide_stage1(language, [budget])[0]
+                tier = tier if has_image else None
+                record["prompt_len"] = prepared[tier]["input_ids"].shape[-1]
+                decide = controller.stage2_decider(language, budget, tier, p)
+                output, knobs = adaptive.generate_with_decision(**prepared[tier], decide=decide, insertion_position=p,
+                                                                streamer=streamer, **generate_kwargs)
+                record["knobs"] = dataclasses.replace(knobs, tier=tier)  # the tier the inputs were prepared at
+                return output
+            knobs = controller.decide(language, [budget])[0]
+            if not has_image:
+                knobs = dataclasses.replace(knobs, tier=None)
+            record["knobs"] = knobs
+            record["prompt_len"] = prepared[knobs.tier]["input_ids"].shape[-1]
+            return adaptive.generate(**prepared[knobs.tier], insertion_position=knobs.insertion_position,
+                                     top_k=knobs.top_k, num_active_blocks=knobs.num_active_blocks, streamer=streamer,
+                                     **generate_kwargs)
 
     return generate
 
@@ -563,54 +605,69 @@ def load_profile_for(adaptive: Any, path: Any, *, strict: bool = True) -> Latenc
 def measure_decision_overhead(
     adaptive: Any,
     controller: Any,
-    texts: Sequence[str],
+    samples: Sequence[Mapping[str, Any] | str],
     budgets: Sequence[float] | None = None,
     *,
     repeats: int = 5,
-    warmup: int = 3,
+    warmup: int = 1,
+    max_new_tokens: int = 1,
     num_threads: int | None = None,
+    progress: bool = False,
 ) -> float:
-    """Median wall-clock ms of one controller decision: prompt features, stage 1 and stage 2.
+    """Median ms that letting ``controller`` decide adds to a request, measured on the real path.
 
-    This is the time a request pays for at inference on top of its configuration's execution, and
-    what :attr:`KnobGRPOConfig.decision_overhead_ms` adds to every rollout. In latency-token mode
-    the partial prefill is not counted: the configuration's execution continues it, so it is part
-    of the execution's latency already (stage 2 gets a stand-in token of the right width). The weights do not change the cost, so an untrained controller measures it.
+    For each sample (a dataset row with ``prompt``/``question`` and an optional ``image``, or a
+    plain text) and budget, the controlled run (:func:`controller_job`: prompt features, both
+    stages, and in latency-token mode the generate split at block ``p``) and the static run of the
+    knobs it chose (:func:`config_job`) are timed in the same interleaved rounds; the result is the
+    median of their differences (time to first token), floored at 0. That is exactly what a
+    rollout's profiled latency lacks, so it is what :attr:`KnobGRPOConfig.decision_overhead_ms`
+    should be. Timing the controller alone undercounts it: between two forwards of the executor
+    its small layers run with cold caches (on the embedded default, 0.76 ms alone against 1.4 ms
+    in the real path). The weights do not change the cost much, so an untrained controller
+    measures it. ``budgets`` (one per sample) default to spread over the controller's range.
     """
-    from .controller import prompt_features
-
-    texts = [str(t) for t in texts]
-    if not texts:
-        raise ValueError("measure_decision_overhead needs at least one prompt text")
+    samples = [{"prompt": s} if isinstance(s, str) else s for s in samples]
+    if not samples:
+        raise ValueError("measure_decision_overhead needs at least one sample (a dataset row or a prompt text)")
     _check_count("repeats", repeats, 1)
     _check_count("warmup", warmup, 0)
     lo, hi = controller.config.budget_min_ms, controller.config.budget_max_ms
-    budgets = list(budgets) if budgets is not None else [lo + (hi - lo) * (i + 0.5) / len(texts) for i in range(len(texts))]
-    if len(budgets) != len(texts):
-        raise ValueError(f"{len(budgets)} budgets for {len(texts)} prompt texts; give one budget per text")
-    token_fn = None
-    if controller.stage2_mode == "latency_token":  # its values do not change stage 2's cost
-        token = torch.zeros(1, controller.config.latency_token_dim)
-        token_fn = lambda tiers, positions: token  # noqa: E731
-    times: list[float] = []
-    with torch_threads(num_threads), torch.inference_mode():
-        for round_ in range(warmup + repeats):
-            for text, budget in zip(texts, budgets):
-                start = time.perf_counter()
-                controller.decide(prompt_features(adaptive, [text]), [budget], latency_token_fn=token_fn)
-                if round_ >= warmup:
-                    times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    n = len(samples)
+    budgets = list(budgets) if budgets is not None else [lo + (hi - lo) * (i + 0.5) / n for i in range(n)]
+    if len(budgets) != n:
+        raise ValueError(f"{len(budgets)} budgets for {n} samples; give one budget per sample")
+    extra = {"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "do_sample": False}
+    jobs: list[tuple[Hashable, Callable[[Any], Any]]] = []
+    was_training = getattr(controller, "training", False)
+    controller.eval()
+    try:
+        with torch_threads(num_threads):
+            prepared = prepare_sample_inputs(adaptive, samples, adaptive.knob_space.tiers or [None])
+            for i, (sample, budget) in enumerate(zip(samples, budgets)):
+                mine = {tier: inputs for (j, tier), inputs in prepared.items() if j == i}
+                record: dict[str, Any] = {}
+                controlled = controller_job(adaptive, controller, sample_text(sample, i), budget, mine, record, **extra)
+                controlled(None)  # the decision is deterministic: learn which knobs the static run needs
+                knobs = record["knobs"]
+                jobs += [(("controlled", i), controlled), (("static", i), config_job(adaptive, knobs, mine[knobs.tier], **extra))]
+            timed = run_timed_jobs(jobs, repeats=repeats, warmup_jobs=[fn for _, fn in jobs] * warmup,
+                                   device=adaptive.device, progress=progress, desc="decision overhead")
+    finally:
+        controller.train(was_training)
+    diffs = [timed[("controlled", i)][0].ttft_ms - timed[("static", i)][0].ttft_ms for i in range(n)]
+    return max(0.0, statistics.median(diffs))
 
 
 def suggest_budget_range(records: Sequence[SweepRecord], target: str = "ttft", overhead_ms: float = 0.0,
-                         low_margin: float = 1.15, high_margin: float = 1.1) -> tuple[float, float]:
+                         low_margin: float = 1.15, high_margin: float = 1.1, latency_margin: float = 0.0) -> tuple[float, float]:
     """A budget range that spans what the profiled configurations can do, in ms.
 
     From ``low_margin`` above the cheapest configuration's median latency (room for the run-to-run
     spread, so that the cheapest configuration can meet the smallest budget) to ``high_margin``
-    above the slowest one's (every configuration fits the largest budget); both after adding
-    ``overhead_ms`` (the controller's decision time, :func:`measure_decision_overhead`).
+    above the slowest one's (every configuration fits the largest budget); both after scaling by
+    ``1 + latency_margin`` and adding ``overhead_ms`` (the controller's decision time,
+    :func:`measure_decision_overhead`), which is how the rewards see a configuration's latency.
     """
     if target not in ("ttft", "end_to_end"):
         raise ValueError(f"target={target!r}; allowed: 'ttft', 'end_to_end'")
@@ -619,5 +676,23 @@ def suggest_budget_range(records: Sequence[SweepRecord], target: str = "ttft", o
         by_config.setdefault(str(r.knobs), []).append(r.ttft_ms if target == "ttft" else r.end_to_end_ms)
     if not by_config:
         raise ValueError("suggest_budget_range needs profiling records (profile_executor's output); got none")
-    medians = sorted(statistics.median(v) for v in by_config.values())
+    medians = sorted(statistics.median(v) * (1 + latency_margin) for v in by_config.values())
     return round((medians[0] + overhead_ms) * low_margin, 1), round((medians[-1] + overhead_ms) * high_margin, 1)
+
+
+def suggest_latency_margin(profile: LatencyProfile, records: Sequence[SweepRecord], target: str = "ttft", q: float = 95.0) -> float:
+    """A :attr:`KnobGRPOConfig.latency_margin` from single timed runs the profile was not fitted on.
+
+    How far the slowest ``100 - q`` % of the runs exceed the profile's prediction
+    (:meth:`LatencyProfile.holdout_excess`, pooled over configurations), as a fraction; 0 when
+    they all run faster than predicted. Time the records as the evaluation does
+    (``profile_executor(..., repeats=1)`` on rows the profile was not fitted on). On the embedded
+    default, pooling was the safer choice: the median over configurations of each one's excess
+    gave 3.5% in one run, and that run's controller exceeded the smallest budget in 22% of the
+    evaluation's runs (pooled margins of 9–10% kept it at 1–2%).
+    """
+    if target not in ("ttft", "end_to_end"):
+        raise ValueError(f"target={target!r}; allowed: 'ttft', 'end_to_end'")
+    if not records:
+        raise ValueError("suggest_latency_margin needs timed records (profile_executor's output); got none")
+    return max(profile.holdout_excess(records, q)[target], 0.0) / 100

@@ -1,5 +1,6 @@
 """Tests for knob_grpo.latency: measurement, profiles, sweep statistics and reports."""
 
+import dataclasses
 import json
 import os
 import random
@@ -155,6 +156,23 @@ def test_profile_recovers_known_coefficients():
         assert profile.decode_coef[name] == pytest.approx(true, rel=0.15), name
     errors = profile.holdout_error(holdout)
     assert errors["ttft"] < 1.0 and errors["end_to_end"] < 1.0  # percent; noise is 0.5%
+
+
+def test_holdout_excess_is_the_percentile_of_how_far_runs_exceed_the_prediction():
+    records = _synthetic_records(60, seed=3, noise=0.0)
+    profile = LatencyProfile.fit(records, device="d", executor="e")
+    # the same configurations measured 0%, 2%, ... 38% slower than predicted (20 runs), and one 10% faster
+    slower = []
+    for i, r in enumerate(records[:21]):
+        factor = 0.9 if i == 20 else 1 + 0.02 * i
+        slower.append(dataclasses.replace(r, ttft_ms=r.ttft_ms * factor, end_to_end_ms=None, decode_ms_per_token=r.decode_ms_per_token))
+    excess = profile.holdout_excess(slower, 95)
+    expected = percentile([2.0 * i for i in range(20)] + [-10.0], 95)
+    assert excess["ttft"] == pytest.approx(expected, abs=1e-6)
+    assert profile.holdout_excess(slower, 50)["ttft"] == pytest.approx(18.0, abs=1e-6)
+    assert profile.holdout_excess(records, 95)["end_to_end"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="got no records"):
+        profile.holdout_excess([])
 
 
 def test_profile_exact_without_noise_and_prediction_shape():
