@@ -141,8 +141,8 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
                                                budget_range=(args.budget_min_ms, args.budget_max_ms))
 
     if script.measure_decision_overhead:
-        rows = list(profile_data.select(range(min(script.overhead_samples, len(profile_data)))))
-        overhead = [measure_decision_overhead(executor, new_controller(), rows) if state.is_main_process else None]
+        overhead_rows = list(profile_data.select(range(min(script.overhead_samples, len(profile_data)))))
+        overhead = [measure_decision_overhead(executor, new_controller(), overhead_rows) if state.is_main_process else None]
         broadcast_object_list(overhead)
         args.decision_overhead_ms = round(overhead[0], 2)
     if script.budget_range_from_profile and records:

@@ -91,8 +91,8 @@ class KnobGRPOConfig(GRPOConfig):
         default=0.0,
         metadata={"help": "Latencies predicted by a latency profile are scaled by (1 + latency_margin) before the rewards "
                   "see them, so the controller leaves room for the spread of real latency around the profile's "
-                  "prediction (run to run, a few percent on a CPU). LatencyProfile.holdout_excess measures it on "
-                  "held-out runs (examples/train.py does). Measured latencies are not scaled."},
+                  "prediction (run to run, a few percent on a CPU). knob_grpo.profiling.suggest_latency_margin "
+                  "measures it on single timed runs the profile was not fitted on (examples/train.py does). Measured latencies are not scaled."},
     )
     rollout_mode: str = field(
         default="auto",

@@ -72,6 +72,7 @@ from .profiling import (
     _rows,
     config_job,
     controller_job,
+    inputs_by_sample,
     prepare_sample_inputs,
     resolve_configs,
     run_timed_jobs,
@@ -666,9 +667,7 @@ def evaluate_budgets(
         jobs = _static_jobs(adaptive, rows, static, prepared, extra)
         records: dict[tuple[float, int], dict[str, Any]] = {}
         ctrl_jobs = []
-        by_row: dict[int, dict[str | None, Any]] = collections.defaultdict(dict)
-        for (i, tier), inputs in prepared.items():
-            by_row[i][tier] = inputs
+        by_row = inputs_by_sample(prepared)
         for budget in budgets:
             for i, row in enumerate(rows):
                 records[(budget, i)] = {}

@@ -515,7 +515,7 @@ class LatencyProfile:
         ``ttft_ms + (output_tokens - 1) * decode_ms_per_token``.
         """
         return {target: statistics.median(abs(predicted - measured) / measured * 100 for measured, predicted in pairs)
-                for target, pairs in self._measured_and_predicted(records).items()}
+                for target, pairs in self._measured_and_predicted(records, "holdout_error").items()}
 
     def holdout_excess(self, records: Sequence[Any], q: float = 95.0) -> dict[str, float]:
         """How far measured latency runs over the prediction: the ``q``-th percentile (in %) of
@@ -525,12 +525,12 @@ class LatencyProfile:
         which makes it a :attr:`KnobGRPOConfig.latency_margin` measured for this profile.
         """
         return {target: percentile([(measured - predicted) / predicted * 100 for measured, predicted in pairs], q)
-                for target, pairs in self._measured_and_predicted(records).items()}
+                for target, pairs in self._measured_and_predicted(records, "holdout_excess").items()}
 
-    def _measured_and_predicted(self, records: Sequence[Any]) -> dict[str, list[tuple[float, float]]]:
+    def _measured_and_predicted(self, records: Sequence[Any], caller: str) -> dict[str, list[tuple[float, float]]]:
         records = [_as_record(r) for r in records]
         if not records:
-            raise ValueError("holdout_error got no records")
+            raise ValueError(f"{caller} got no records")
         out: dict[str, list[tuple[float, float]]] = {"ttft": [], "end_to_end": []}
         for i, r in enumerate(records):
             if r.ttft_ms is None:

@@ -57,6 +57,7 @@ __all__ = [
     "sample_image",
     "resolve_configs",
     "prepare_sample_inputs",
+    "inputs_by_sample",
     "run_timed_jobs",
     "config_job",
     "controller_job",
@@ -100,6 +101,14 @@ def sample_text(sample: Mapping[str, Any], index: int | None = None) -> str:
     where = "" if index is None else f" {index}"
     keys = sorted(sample) if isinstance(sample, Mapping) else type(sample).__name__
     raise ValueError(f"row{where} has no 'prompt' or 'question' text (it has: {keys})")
+
+
+def inputs_by_sample(prepared: Mapping[tuple[int, str | None], Any]) -> dict[int, dict[str | None, Any]]:
+    """:func:`prepare_sample_inputs`' output regrouped as ``{sample index: {tier: inputs}}``."""
+    out: dict[int, dict[str | None, Any]] = {}
+    for (i, tier), inputs in prepared.items():
+        out.setdefault(i, {})[tier] = inputs
+    return out
 
 
 def sample_image(sample: Mapping[str, Any]) -> Any:
@@ -643,9 +652,9 @@ def measure_decision_overhead(
     controller.eval()
     try:
         with torch_threads(num_threads):
-            prepared = prepare_sample_inputs(adaptive, samples, adaptive.knob_space.tiers or [None])
+            by_sample = inputs_by_sample(prepare_sample_inputs(adaptive, samples, adaptive.knob_space.tiers or [None]))
             for i, (sample, budget) in enumerate(zip(samples, budgets)):
-                mine = {tier: inputs for (j, tier), inputs in prepared.items() if j == i}
+                mine = by_sample[i]
                 record: dict[str, Any] = {}
                 controlled = controller_job(adaptive, controller, sample_text(sample, i), budget, mine, record, **extra)
                 controlled(None)  # the decision is deterministic: learn which knobs the static run needs
