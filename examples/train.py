@@ -7,8 +7,8 @@
 
 Steps: load the executor -> fit a latency profile on this device, and measure how far single runs
 exceed it (the latency margin) and what the controller's decision adds to a request -> train the
-controller with KnobGRPOTrainer -> evaluate it against the lookup table, the full model and the
-oracle with measured latency -> write the table, the Pareto plot and the controller checkpoint.
+controller with KnobGRPOTrainer -> evaluate it against the lookup table, the best static configuration,
+the full model and the oracle with measured latency -> write the table, the Pareto plot and the controller checkpoint.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
                               train_dataset=train, latency_profile=profile)
     trainer.train()
 
-    # 3. the budget sweep, with measured latency, against the lookup table, the full model and the oracle
+    # 3. the budget sweep, with measured latency, against the lookup table, the best static configuration, the full model and the oracle
     budgets = script.eval_budgets or [round(args.budget_min_ms * (args.budget_max_ms / args.budget_min_ms) ** (i / 4), 1) for i in range(5)]
     if state.is_main_process:
         lookup_data = profile_data.select(range(min(script.lookup_samples, len(profile_data))))

@@ -859,6 +859,7 @@ def pareto_series(
 _STYLES = {
     "controller": {"color": "tab:blue", "marker": "o"},
     "lookup table": {"color": "tab:orange", "marker": "s"},
+    "best static": {"color": "tab:purple", "marker": "v"},
     "full model": {"color": "tab:red", "marker": "D"},
     "oracle": {"color": "tab:green", "marker": "^"},
 }

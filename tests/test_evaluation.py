@@ -91,6 +91,7 @@ def test_summary_gap_closed():
         ("controller", 100.0): [1, 1, 0, 0], ("lookup table", 100.0): [1, 0, 0, 0], ("oracle", 100.0): [1, 1, 1, 0],
         ("controller", 300.0): [1, 1, 1, 0], ("lookup table", 300.0): [1, 1, 1, 1], ("oracle", 300.0): [1, 1, 1, 1],
         ("full model", 100.0): [1, 1, 1, 1], ("full model", 300.0): [1, 1, 1, 1],
+        ("best static", 100.0): [1, 0, 1, 0], ("best static", 300.0): [1, 1, 1, 1],
     }
     result = EvaluationResult(budgets=budgets, outcomes={k: [outcome(s, 50.0) for s in v] for k, v in per.items()})
     s100, s300 = result.summary
@@ -98,6 +99,7 @@ def test_summary_gap_closed():
     assert s100["gap_closed"] == pytest.approx(0.5)  # (0.5 - 0.25) / (0.75 - 0.25)
     assert s300["controller_minus_lookup"] == pytest.approx(-0.25)
     assert s300["gap_closed"] is None  # the oracle is no better than the lookup table: no gap
+    assert s100["controller_minus_best_static"] == 0.0 and s300["controller_minus_best_static"] == pytest.approx(-0.25)
     assert [(r["method"], r["budget_ms"]) for r in result.rows] == [(m, b) for m in METHODS for b in budgets]
     assert result.row("controller", 100.0)["gap_closed"] == pytest.approx(0.5)
     md = result.to_markdown()
@@ -176,6 +178,29 @@ def test_real_sweep_invariants(evaluation):
         assert s["controller_minus_lookup"] == pytest.approx(
             result.row("controller", s["budget_ms"])["accuracy"] - result.row("lookup table", s["budget_ms"])["accuracy"]
         )
+
+
+def test_best_static_is_the_lookup_rule_applied_to_the_evaluation_rows(evaluation):
+    """Per budget, the most accurate configuration whose p95 latency on the evaluation rows fits
+    (the fastest when none fits): at least as accurate as the lookup table's pick whenever that
+    one fits on these rows too."""
+    result, budgets, _ = evaluation
+    sweep = result.evaluation_sweep
+    table = sweep.table("ttft", "p95")
+    for budget in budgets:
+        outcomes = result.outcomes[("best static", budget)]
+        config = next(k for k in sweep.configs if sweep.results(k) == outcomes)
+        accuracy, p95 = next((a, t) for k, a, t in table if k == config)
+        fitting = [(a, t) for _, a, t in table if t <= budget]
+        if fitting:
+            assert p95 <= budget and accuracy == max(a for a, _ in fitting)
+            lookup = result.lookup_choices[budget].config_key
+            if next(t for k, _, t in table if k == lookup) <= budget:
+                assert accuracy >= next(a for k, a, _ in table if k == lookup)
+        else:
+            assert p95 == min(t for _, _, t in table)
+        summary = next(s for s in result.summary if s["budget_ms"] == budget)
+        assert summary["controller_minus_best_static"] == pytest.approx(result.row("controller", budget)["accuracy"] - accuracy)
 
 
 def test_latency_token_controller_rows_record_its_own_decisions(vlm, data):
