@@ -324,7 +324,8 @@ class EvaluationResult:
                         c["accuracy_within_budget"], l["accuracy_within_budget"], o["accuracy_within_budget"]
                     ),
                     "controller_minus_best_static": (
-                        c["accuracy"] - statistics.fmean(r.score for r in self.outcomes[("best static", budget)])
+                        c["accuracy"] - summarize_outcomes("best static", budget, self.outcomes[("best static", budget)],
+                                                           self.latency_target)["accuracy"]
                         if ("best static", budget) in self.outcomes else None
                     ),
                 }

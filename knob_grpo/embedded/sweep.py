@@ -51,6 +51,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from ..knobs import Knobs
+from ..latency import lookup_table
 from . import model as M
 from .task import QUESTION_TYPES, make_example
 
@@ -178,13 +179,18 @@ def type_headroom(acc: dict[Knobs, dict[str, float]], ttft: dict[Knobs, dict[str
     TTFT fits, ``per_type`` the mean over question types of each type's best fitting
     configuration (the types are balanced), and ``headroom_points`` the difference, in points.
     """
-    timed = [c for c in acc if c in ttft]
+    median = {c: ttft[c]["median"] for c in acc if c in ttft}
+    if not median:
+        return []
+    budgets = sorted(set(median.values()))
+    # the lookup table's rule, once over all questions and once per question type
+    static = lookup_table([(c, acc[c]["all"], t) for c, t in median.items()], budgets)
+    by_type = [lookup_table([(c, acc[c][q], t) for c, t in median.items()], budgets) for q in QUESTION_TYPES]
     out = []
-    for budget in sorted({ttft[c]["median"] for c in timed}):
-        fits = [c for c in timed if ttft[c]["median"] <= budget]
-        static = max(acc[c]["all"] for c in fits)
-        per_type = statistics.fmean(max(acc[c][t] for c in fits) for t in QUESTION_TYPES)
-        out.append({"budget_ms": budget, "static": static, "per_type": per_type, "headroom_points": 100 * (per_type - static)})
+    for j, (budget, choice) in enumerate(zip(budgets, static)):
+        per_type = statistics.fmean(choices[j].accuracy for choices in by_type)
+        out.append({"budget_ms": budget, "static": choice.accuracy, "per_type": per_type,
+                    "headroom_points": 100 * (per_type - choice.accuracy)})
     return out
 
 
