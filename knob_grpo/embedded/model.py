@@ -15,15 +15,15 @@ Architecture (``build_config``):
   is top_k in 2..4, p in 1..3, up to 2 blocks dropped: 54 configurations.
 
 Tiers (``TIER_PIXELS``): the image processor's pixel budget (``size["longest_edge"]``). Images are
-drawn at 224x224; ``smart_resize`` (factor 16 = patch 8 x merge 2) gives
+drawn at 224x224 (pattern questions at 176x176); ``smart_resize`` (factor 16 = patch 8 x merge 2) gives
 
-======  ==========  ======  ===========  ====================
-tier    max pixels  image   patches      vision tokens (LLM)
-======  ==========  ======  ===========  ====================
-low     64*64       64x64   8x8 = 64     16
-medium  128*128     128x128 16x16 = 256  64
-high    224*224     224x224 28x28 = 784  196
-======  ==========  ======  ===========  ====================
+======  ==========  ======  ===========  ====================  ============================
+tier    max pixels  image   patches      vision tokens (LLM)   pattern image (176 px)
+======  ==========  ======  ===========  ====================  ============================
+low     64*64       64x64   8x8 = 64     16                    the same
+medium  96*96       96x96   12x12 = 144  36                    the same
+high    224*224     224x224 28x28 = 784  196                   176x176, 22x22 = 484, 121
+======  ==========  ======  ===========  ====================  ============================
 
 ``high`` equals the processor's own default ``longest_edge``, so the full setting is the
 unmodified model and processor.
@@ -71,9 +71,9 @@ PATCH_SIZE = 8
 MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
 #: Pixel budget (the image processor's ``size["longest_edge"]``) per tier; "high" is the processor default.
-TIER_PIXELS: dict[str, int] = {"low": 64 * 64, "medium": 128 * 128, "high": IMAGE_SIZE * IMAGE_SIZE}
+TIER_PIXELS: dict[str, int] = {"low": 64 * 64, "medium": 96 * 96, "high": IMAGE_SIZE * IMAGE_SIZE}
 MIN_PIXELS = 32 * 32
-#: Merged vision tokens the language model sees per tier, for the task's 224x224 images.
+#: Merged vision tokens the language model sees per tier, for the task's 224x224 images (pattern: 121 at high).
 VISION_TOKENS: dict[str, int] = {t: px // (PATCH_SIZE * MERGE_SIZE) ** 2 for t, px in TIER_PIXELS.items()}
 
 PAD_TOKEN = "<|endoftext|>"

@@ -1,35 +1,44 @@
 """The embedded visual task: procedurally drawn images with four question types.
 
-Every example is a 224x224 RGB image drawn with PIL, a one-sentence question and a one-word
-answer. The four question types need different tiers (DESIGN §2): colour any, stripes the medium
-tier, pattern the high tier, compare a little more than the low tier. Fine detail is drawn aligned to the high
+Every example is an RGB image drawn with PIL, a one-sentence question and a one-word answer. The
+four question types need different tiers (DESIGN §2): colour any, stripes the medium tier, pattern
+the high tier, compare a little more than the low tier. Fine detail is drawn aligned to the high
 tier's patch grid (8 px patches, 16 px merged tokens), and spread over many patches: a tiny model
 trained from scratch for minutes learns such textures at once, while detail confined to a single
 patch (a small glyph) or exact counting of small dots stayed at chance in the same budget.
 
-``colour``  "what colour is the big shape ?" -> red / green / blue / yellow / purple / orange.
+Images are 224x224, except the pattern questions' (:data:`PATTERN_IMAGE_SIZE` = 176 px): a tier
+is a pixel budget, so a smaller image costs fewer vision tokens at the high tier (121 against 196)
+and the same at the lower tiers (whose budgets are below both sizes). The request that needs the
+high tier is then the cheaper one to run there, so one configuration per budget, sized for the
+slowest request, cannot give it the high tier where a per-request choice can: without this no
+choice per question type beat the best single configuration by more than 0.4 points (all images
+224 px; ``python -m knob_grpo.embedded.sweep`` reports the headroom).
+
+``colour`` "what colour is the big shape ?" -> red / green / blue / yellow / purple / orange.
     One large shape (70-120 px) on a light background. Survives any downscaling: the low tier
     (64x64 pixels, 16 vision tokens) suffices and the answer needs little depth.
 ``pattern`` "what pattern is in the square ?" -> rows / columns / checks / bricks.
     A 48 or 64 px square filled with a two-tone texture at the finest scale, 1 px features with 50%
     ink in random colours: rows (``y % 2``), columns (``x % 2``), a 1 px checkerboard, or bricks
     (2x1 px cells, ``(x // 2 + y) % 2``), with +-8 levels of pixel noise on the whole image. Square and texture are
-    aligned to the 16 px grid of merged patches, so at the high tier (224x224, 196 vision tokens)
+    aligned to the 16 px grid of merged patches, so at the high tier (the 176x176 image as drawn)
     every patch inside the square shows the same pixels and a linear patch embedding tells the
     textures apart. Every texture has energy only at a period of 2 px along at least one axis,
-    which the medium tier (128x128) and the low tier (64x64) resample away: there the square is
-    one flat colour (the textures differ by at most 2 levels after resizing, below the noise) and
-    the answer is chance. Only the high tier answers it.
+    which the medium tier (96x96) and the low tier (64x64) resample away: there the square is
+    one flat colour (bicubic resizing from 176 px leaves a residue of at most 0.5 levels at full
+    contrast, below the noise) and the answer is chance. Only the high tier answers it.
 ``stripes`` "how thick are the stripes ?" -> thin / medium / thick.
     A 48 or 64 px square of horizontal or vertical stripes with a period of 2, 4 or 8 px (half
     ink), aligned to the patch grid. Graded: the low tier keeps only the thick stripes (2.3 px
     period there; thin and medium ones average to the same flat colour: ~73%), the medium tier
-    tells all three apart (thin ones are the only flat squares there), as does the high tier.
+    (1.7 px period for the medium stripes, still visible; thin ones are the only flat squares there)
+    tells all three apart, as does the high tier.
 ``compare`` "are there more red or blue shapes ?" -> red / blue.
     3-7 medium-sized red and blue shapes (the counts differ by 1 or 2): counting two sets and
-    comparing them. The shapes shrink to 5-7 px at the low tier, which costs a few points (~87%
-    there, ~93% at the medium and high tiers). Pretraining teaches it at full depth only
-    (``--full_depth_types``), but the model is as good with fewer blocks or experts.
+    comparing them. The shapes shrink to 5-7 px at the low tier, which costs a few points.
+    Pretraining teaches it at full depth only (``--full_depth_types``), but the model is as
+    good with fewer blocks or experts: no question type needs depth.
 
 Determinism: example ``i`` of a split is drawn from ``numpy.random.default_rng([SPLIT_SEEDS[split], i])``
 and its question type is ``QUESTION_TYPES[i % 4]`` (so every split is balanced). The splits use
@@ -49,6 +58,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 224
+#: Side of the pattern questions' images (see the module docstring); a multiple of the 16 px token grid.
+PATTERN_IMAGE_SIZE = 176
 QUESTION_TYPES: tuple[str, ...] = ("colour", "pattern", "stripes", "compare")
 SPLIT_SEEDS: dict[str, int] = {"train": 1_000, "validation": 2_000, "test": 3_000}
 DEFAULT_SIZES: dict[str, int] = {"train": 20_000, "validation": 400, "test": 800}
@@ -92,11 +103,11 @@ def task_words() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- drawing
-def _background(rng: np.random.Generator) -> Image.Image:
+def _background(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
     shade = int(rng.integers(232, 256))
     tint = rng.integers(-6, 7, size=3)
     colour = tuple(int(np.clip(shade + t, 0, 255)) for t in tint)
-    return Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), colour)
+    return Image.new("RGB", (size, size), colour)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, size: float, fill) -> None:
@@ -128,8 +139,8 @@ def _paste_patch(img: Image.Image, rng: np.random.Generator, mask: Callable[[np.
     ``mask(yy, xx)`` holds; the random draws come in a fixed order (the committed weights were
     trained on exactly these images)."""
     side = int(rng.choice([48, 64]))
-    x0 = int(rng.integers(1, (IMAGE_SIZE - side) // 16)) * 16
-    y0 = int(rng.integers(1, (IMAGE_SIZE - side) // 16)) * 16
+    x0 = int(rng.integers(1, (img.width - side) // 16)) * 16
+    y0 = int(rng.integers(1, (img.height - side) // 16)) * 16
     ink = np.array([int(v) for v in rng.integers(0, 70, size=3)], dtype=np.uint8)
     paper = np.array([int(v) for v in rng.integers(200, 256, size=3)], dtype=np.uint8)
     yy, xx = np.mgrid[0:side, 0:side]
@@ -175,10 +186,10 @@ def _draw_compare(rng: np.random.Generator) -> tuple[Image.Image, str]:
 
 
 def _draw_pattern(rng: np.random.Generator) -> tuple[Image.Image, str]:
-    img = _background(rng)
+    img = _background(rng, PATTERN_IMAGE_SIZE)
     draw = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(0, 4))):  # tiny grey clutter
-        x, y = rng.uniform(4, IMAGE_SIZE - 4, size=2)
+        x, y = rng.uniform(4, PATTERN_IMAGE_SIZE - 4, size=2)
         draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(90, 90, 90))
     pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
 
@@ -192,7 +203,7 @@ def _draw_pattern(rng: np.random.Generator) -> tuple[Image.Image, str]:
         return (xx // 2 + yy) % 2 == 0  # bricks
 
     img = _paste_patch(img, rng, texture)
-    # the lower tiers keep a residue of at most 2 levels from resampling; noise larger than that
+    # the lower tiers keep a residue of at most 0.5 levels from resampling; noise larger than that
     # makes "flat at the lower tiers" true for any learner, not only for a tiny one
     arr = np.asarray(img).astype(np.int16)
     arr += rng.integers(-PATTERN_NOISE, PATTERN_NOISE + 1, size=arr.shape, dtype=np.int16)
