@@ -42,8 +42,8 @@ Why these sizes: pretraining must fit in about half an hour of one CPU core, and
 token must be dominated by the vision tokens and the blocks, not by the fixed per-call overhead
 of ``generate`` and of ~40 small modules (~20 ms of CPU time even for the cheapest
 configuration). At the high tier the vision tower sees 784 patches and the language model ~210
-tokens, which costs ~4x the cheapest configuration's time; a smaller model (vision hidden 64)
-was measured at only ~3x, a larger one (4 vision blocks, experts of width 128) costs ~35% more
+tokens, which costs 3.2x the cheapest configuration's time (committed sweep); a smaller model
+(vision hidden 64) was measured at ~3x in an earlier version, a larger one (4 vision blocks, experts of width 128) costs ~35% more
 training time per high-tier example.
 
 Processor: ``Qwen3VLProcessor`` needs a video processor, and every transformers video processor
