@@ -138,9 +138,11 @@ def time_to_first_token(adaptive, examples: list[dict[str, Any]], configs: list[
     out = {}
     for c, timed in times.items():
         v = sorted(t for _, t in timed)
-        by_type = {q: statistics.median(t for qt, t in timed if qt == q) for q in QUESTION_TYPES if any(qt == q for qt, _ in timed)}
+        per_type: dict[str, list[float]] = {}
+        for qtype, t in timed:
+            per_type.setdefault(qtype, []).append(t)
         out[c] = {"median": statistics.median(v), "p10": v[int(0.1 * (len(v) - 1))], "p90": v[int(0.9 * (len(v) - 1))],
-                  "by_type": by_type}
+                  "by_type": {q: statistics.median(per_type[q]) for q in QUESTION_TYPES if q in per_type}}
     return out
 
 
