@@ -720,6 +720,12 @@ class AdaptiveModel:
             else:  # pragma: no cover - only if the model never reached block p
                 raise RuntimeError(f"the prefill never reached block {p}")
         rec = state.recording
+        missing = [i for i in range(p) if i not in rec.kv]
+        if missing:  # a continuation replays these entries; without them it would silently attend to nothing
+            raise RuntimeError(
+                f"decoder block {missing[0]} wrote no KV cache entry during the prefill (looked for a `cache` or "
+                f"`past_key_values` keyword argument); use_cache=False cannot be continued with generate(prefix=...)"
+            )
         return PrefixState(tier=knobs.tier, insertion_position=p, inputs=inputs, hidden=rec.hidden, kv=rec.kv, vision_output=rec.vision_output)
 
     @torch.no_grad()
@@ -836,10 +842,11 @@ def _wrap_block(original: Callable[..., Any], index: int) -> Callable[..., Any]:
         replay = state.replay
         if replay is not None and not replay.consumed:
             if index < replay.insertion_position:
-                cache = kwargs.get("past_key_values")
-                if cache is not None:
-                    key, value = replay.kv[index]
-                    cache.update(key, value, index)
+                cache = _layer_cache(kwargs)
+                if cache is None:
+                    raise RuntimeError(f"decoder block {index} was handed no KV cache to replay the prefix into; generate(prefix=...) needs use_cache=True")
+                key, value = replay.kv[index]
+                cache.update(key, value, index)
                 return hidden_states  # ignored: block p starts from the recorded hidden state
             if index == replay.insertion_position:
                 hidden_states = replay.hidden
@@ -874,9 +881,15 @@ def _wrap_block(original: Callable[..., Any], index: int) -> Callable[..., Any]:
     return forward
 
 
+def _layer_cache(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a decoder block was handed: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
 def _recording_call(original: Callable[..., Any], index: int, rec: _Recording, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> Any:
     """Run a block and keep the key/value states it hands to the cache (the cache is per call)."""
-    cache = kwargs.get("past_key_values")
+    cache = _layer_cache(kwargs)
     if cache is None:
         return original(hidden_states, *args, **kwargs)
     cache_update = cache.update

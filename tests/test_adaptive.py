@@ -331,6 +331,21 @@ def test_rows_refuse_bad_knobs_and_leave_the_model(vlm):
     assert torch.equal(vlm.generate(prefix=state, top_k=2, **GREEDY), reference)
 
 
+def test_prefix_without_a_kv_cache_is_refused_and_leaves_the_model(vlm):
+    """A continuation replays the prefix's KV entries; with use_cache=False there is nowhere to put them,
+    so both the prefill and the continuation refuse instead of generating from a cache that lacks blocks 0..p-1."""
+    image = tiny_image(4)
+    state = vlm.prefill(PROMPT, [image], tier="low", insertion_position=2)
+    reference = vlm.generate(prefix=state, top_k=2, **GREEDY)
+    before = snapshot(vlm.model)
+    with pytest.raises(RuntimeError, match="block 0 wrote no KV cache entry"):
+        vlm.prefill(PROMPT, [image], tier="low", insertion_position=2, use_cache=False)
+    with pytest.raises(RuntimeError, match="block 0 was handed no KV cache"):
+        vlm.generate(prefix=state, top_k=2, use_cache=False, **GREEDY)
+    assert_same_state(vlm.model, before)
+    assert torch.equal(vlm.generate(prefix=state, top_k=2, **GREEDY), reference)
+
+
 def test_decision_at_block_p_equals_prefill_and_continue(vlm):
     """One generate that asks for top_k / num_active_blocks entering block p: the decide function
     sees the prefill's latency token, and the tokens equal prefill + continue with its answer."""
