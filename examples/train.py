@@ -27,7 +27,7 @@ from knob_grpo import AdaptiveModel, KnobGRPOConfig, KnobGRPOTrainer, TwoStageCo
 from knob_grpo.evaluation import evaluate_budgets  # noqa: E402
 from knob_grpo.profiling import (fit_profile, measure_decision_overhead, profile_executor, suggest_budget_range,  # noqa: E402
                                 suggest_latency_margin)
-from knob_grpo.rewards import exact_match_reward, make_budget_reward, within_budget  # noqa: E402
+from knob_grpo.rewards import answer_probability_reward, exact_match_reward, make_budget_reward, within_budget  # noqa: E402
 
 
 @dataclass
@@ -62,6 +62,14 @@ class ScriptArguments:
                                 "under each budget."})
     margin_samples: int = field(default=16, metadata={"help": "Rows of the profile split (after the profile's own) timed once "
                                                          "per profiled configuration to measure the latency margin."})
+    margin_passes: int = field(default=2, metadata={"help": "Passes over those runs; the margin is the smallest pass's, so a burst "
+                                                       "of load from elsewhere during one pass does not set it."})
+    answer_probability: bool = field(
+        default=False, metadata={"help": "Add the executor's probability of the reference answer to the reward (answer_probability_reward, "
+                                 "with KnobGRPOConfig.answer_logprobs): exact match gives two configurations that both answer "
+                                 "a question the same reward, this tells the surer one apart. Off by default: on the embedded "
+                                 "default it won the largest budget but sent the smallest to the edge of its budget (more blocks "
+                                 "at the low tier, where the probability hardly changes and accuracy drops)."})
     random_executor: bool = field(
         default=False,
         metadata={"help": "Use the embedded architecture with randomly initialised weights: the whole pipeline runs "
@@ -121,7 +129,7 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
             if not fresh:
                 raise ValueError(f"the profile split has {len(rows)} rows, all used by the profile (profile_samples="
                                  f"{script.profile_samples}): the latency margin needs others (or --latency_margin_from_profile false)")
-            single = profile_executor(executor, fresh, configs=script.profile_configs, repeats=1, seed=1)
+            single = [profile_executor(executor, fresh, configs=script.profile_configs, repeats=1, seed=1) for _ in range(script.margin_passes)]
             margin = suggest_latency_margin(profile, single, args.latency_target)
         shared = [records, profile, report, margin]
     broadcast_object_list(shared)
@@ -156,6 +164,9 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
     torch.manual_seed(args.seed)
     controller = new_controller()
     rewards = [within_budget(exact_match_reward), make_budget_reward(penalty=script.budget_penalty, slack_bonus=script.slack_bonus)]
+    if script.answer_probability:
+        args.answer_logprobs = True
+        rewards.append(within_budget(answer_probability_reward))
     trainer = KnobGRPOTrainer(controller, executor, rewards, args=args,
                               train_dataset=train, latency_profile=profile)
     trainer.train()

@@ -113,6 +113,14 @@ class KnobGRPOConfig(GRPOConfig):
                   "rollout's profiled latency does not contain. Measure it with "
                   "knob_grpo.profiling.measure_decision_overhead (examples/train.py does)."},
     )
+    answer_logprobs: bool = field(
+        default=False,
+        metadata={"help": "Pass reward functions `answer_logprob`: per row, the executor's log-probability, in that row's "
+                  "knobs, of the reference answer (column `answer`; the likeliest of a list), read off the logits of the "
+                  "generate that made the completion. Tokens are scored up to the first one the greedy output departs "
+                  "from, so a one-token answer gets its exact log-probability. A dense signal where exact match is 0/1: "
+                  "knob_grpo.rewards.answer_probability_reward turns it into a reward. Rows without an answer get None."},
+    )
     executor_generation_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={"help": "Extra keyword arguments of the executor's generate (greedy by default)."},

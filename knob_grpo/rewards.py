@@ -30,6 +30,7 @@ __all__ = [
     "vqa_score_reward",
     "anls_reward",
     "multiple_choice_reward",
+    "answer_probability_reward",
     "budget_penalty_reward",
     "make_budget_reward",
     "BudgetReward",
@@ -158,6 +159,30 @@ def exact_match_reward(prompts: Sequence[Any], completions: Sequence[Any], **kwa
         pred = normalize_answer(_completion_text(completion))
         refs = {normalize_answer(r) for r in _references(answer)}
         rewards.append(1.0 if pred in refs else 0.0)
+    return rewards
+
+
+def answer_probability_reward(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
+    """The executor's probability of the reference answer in the row's knobs: ``exp(answer_logprob)``.
+
+    Exact match is 0 or 1, so two configurations that both answer (or both miss) a question tie
+    even when one is far surer of the answer. This reward tells them apart on every question, which
+    is what a controller needs to learn differences of a point or two in accuracy. Needs
+    ``KnobGRPOConfig(answer_logprobs=True)``; a row whose ``answer_logprob`` is ``None`` (no answer)
+    gives ``None``.
+    """
+    if kwargs.get("answer_logprob") is None:
+        raise ValueError("answer_probability_reward needs the 'answer_logprob' field, which KnobGRPOTrainer passes "
+                         "only with KnobGRPOConfig(answer_logprobs=True)")
+    logprobs = _column(kwargs, "answer_logprob", len(completions), "answer_probability_reward")
+    rewards: list[float | None] = []
+    for logprob in logprobs:
+        if logprob is None:
+            rewards.append(None)
+        elif isinstance(logprob, float) and math.isnan(logprob) or logprob > 0:
+            raise ValueError(f"answer_probability_reward: answer_logprob={logprob!r} is not a log-probability (allowed: <= 0)")
+        else:
+            rewards.append(math.exp(logprob))
     return rewards
 
 

@@ -63,6 +63,32 @@ def _image_key(image: Any) -> Any:
     return zlib.crc32(tobytes()) if tobytes is not None else id(image)
 
 
+def _answer_logprob(step_logits: Sequence[torch.Tensor], completion: list[int], references: list[list[int]]) -> float:
+    """Log-probability of the likeliest reference answer, read off one greedy generate's logits.
+
+    Each reference's tokens are scored while the completion agrees with them, up to and including
+    the first token where it departs: the conditioning is then the reference's own prefix, so the
+    sum is exactly log p(reference[:j+1]) for that first departure j (the whole reference when the
+    completion starts with it, and for a one-token answer its log-probability).
+    """
+    best = -math.inf
+    for reference in references:
+        total = 0.0
+        for t, token in enumerate(reference[: len(step_logits)]):
+            total += torch.log_softmax(step_logits[t].float(), dim=-1)[token].item()
+            if t >= len(completion) or completion[t] != token:
+                break
+        best = max(best, total)
+    return best
+
+
+def _sequences_and_logits(output: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """``generate``'s token ids, and its per-step logits when it returned them."""
+    if isinstance(output, torch.Tensor):
+        return output, None
+    return output.sequences, output.logits
+
+
 def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
     # masked options hold -inf; log_softmax keeps them at -inf and the others finite
     return torch.log_softmax(logits.float(), dim=-1)
@@ -76,7 +102,8 @@ class KnobGRPOTrainer(GRPOTrainer):
             Hub see).
         executor: the frozen :class:`~knob_grpo.AdaptiveModel` that runs each sampled tuple.
         reward_funcs: TRL-signature reward functions (``knob_grpo.rewards``); besides the dataset
-            columns they receive ``knobs`` (a dict per row), ``latency_ms`` and ``budget_ms``.
+            columns they receive ``knobs`` (a dict per row), ``latency_ms`` and ``budget_ms``, and
+            with ``args.answer_logprobs`` also ``answer_logprob``.
         args: a :class:`KnobGRPOConfig`.
         train_dataset / eval_dataset: rows with ``args.prompt_column`` (and ``args.image_column``,
             an optional ``args.budget_column`` and whatever the reward functions read).
@@ -167,12 +194,33 @@ class KnobGRPOTrainer(GRPOTrainer):
         return lo + u * (hi - lo)
 
     # ------------------------------------------------------------------ executing one tuple
-    def _execute(self, prompt: str, image: Any, knobs: Knobs, prefix: PrefixState | None) -> tuple[list[int], float]:
-        """Run one configuration; returns the completion's token ids and its latency in ms (plus the
-        configured decision overhead, so the reward sees what a request would)."""
+    def _generation_kwargs(self) -> dict[str, Any]:
+        kwargs = dict(self.executor_generation_kwargs, max_new_tokens=self.args.max_completion_length)
+        if self.args.answer_logprobs:
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
+        return kwargs
+
+    def _reference_ids(self, answer: Any) -> list[list[int]] | None:
+        """Token ids of each acceptable answer (``None`` for a row without one)."""
+        if answer is None:
+            return None
+        ids = []
+        for text in [answer] if isinstance(answer, str) else list(answer):
+            tokens = self.processing_class(str(text), add_special_tokens=False)["input_ids"]
+            if not tokens:
+                raise ValueError(f"answer {text!r} has no tokens: answer_logprobs cannot score it")
+            ids.append(list(tokens))
+        return ids
+
+    def _execute(self, prompt: str, image: Any, knobs: Knobs, prefix: PrefixState | None,
+                 references: list[list[int]] | None = None) -> tuple[list[int], float, float | None]:
+        """Run one configuration; returns the completion's token ids, its latency in ms (plus the
+        configured decision overhead, so the reward sees what a request would) and, with
+        ``answer_logprobs``, the reference answer's log-probability (else ``None``)."""
         executor, args = self.executor, self.args
-        gen_kwargs = dict(self.executor_generation_kwargs, max_new_tokens=args.max_completion_length)
+        gen_kwargs = self._generation_kwargs()
         knob_kwargs = {k: v for k, v in knobs.as_dict().items() if k != "tier" and v is not None}
+        measured = None
         if prefix is not None and self.fused_rollouts:
             inputs = prefix.inputs
             output = executor.generate(prefix=prefix, **knob_kwargs, **gen_kwargs)
@@ -181,26 +229,39 @@ class KnobGRPOTrainer(GRPOTrainer):
             inputs = executor.prepare_inputs(prompt, images, tier=knobs.tier if images is not None else None)
             if self.latency_profile is None:  # measured: this configuration alone, wall clock
                 meter = LatencyMeter(warmup=0, repeats=1, budget_target=args.latency_target)
-                measurement = meter.measure(lambda streamer: executor.generate(**inputs, **knob_kwargs, streamer=streamer, **gen_kwargs))
-                completion = meter.last_output[0, inputs["input_ids"].shape[1]:].tolist()
-                return completion, float(measurement.for_target(args.latency_target)) + args.decision_overhead_ms
-            output = executor.generate(**inputs, **knob_kwargs, **gen_kwargs)
-        completion = output[0, inputs["input_ids"].shape[1]:].tolist()
-        return completion, self._profile_latency(inputs, knobs, completion)
+                measured = meter.measure(lambda streamer: executor.generate(**inputs, **knob_kwargs, streamer=streamer, **gen_kwargs))
+                output = meter.last_output
+            else:
+                output = executor.generate(**inputs, **knob_kwargs, **gen_kwargs)
+        sequences, logits = _sequences_and_logits(output)
+        completion = sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        if measured is not None:
+            latency = float(measured.for_target(args.latency_target)) + args.decision_overhead_ms
+        else:
+            latency = self._profile_latency(inputs, knobs, completion)
+        score = None
+        if logits is not None and references is not None:
+            score = _answer_logprob([step[0] for step in logits], completion, references)
+        return completion, latency, score
 
-    def _execute_rows(self, prefix: PrefixState, tuples: list[Knobs]) -> list[tuple[list[int], float]]:
+    def _execute_rows(self, prefix: PrefixState, tuples: list[Knobs],
+                      references: list[list[int]] | None = None) -> list[tuple[list[int], float, float | None]]:
         """Run several configurations continued from one prefix as one batched generate (same tokens
-        as :meth:`_execute` on each; a row that ends early is cut after its end-of-sequence token)."""
-        gen_kwargs = dict(self.executor_generation_kwargs, max_new_tokens=self.args.max_completion_length)
-        output = self.executor.generate_rows(prefix, tuples, **gen_kwargs)
+        and answer log-probabilities as :meth:`_execute` on each; a row that ends early is cut after
+        its end-of-sequence token)."""
+        gen_kwargs = self._generation_kwargs()
+        sequences, logits = _sequences_and_logits(self.executor.generate_rows(prefix, tuples, **gen_kwargs))
         eos = gen_kwargs.get("eos_token_id", self.executor.model.generation_config.eos_token_id)
         eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         prompt_length = prefix.inputs["input_ids"].shape[1]
         results = []
-        for row, knobs in zip(output[:, prompt_length:].tolist(), tuples):
+        for r, (row, knobs) in enumerate(zip(sequences[:, prompt_length:].tolist(), tuples)):
             ends = [j for j, token in enumerate(row) if token in eos]
             completion = row[: ends[0] + 1] if ends else row
-            results.append((completion, self._profile_latency(prefix.inputs, knobs, completion)))
+            score = None
+            if logits is not None and references is not None:
+                score = _answer_logprob([step[r] for step in logits], completion, references)
+            results.append((completion, self._profile_latency(prefix.inputs, knobs, completion), score))
         return results
 
     def _profile_latency(self, inputs: dict[str, Any], knobs: Knobs, completion: list[int]) -> float:
@@ -268,30 +329,35 @@ class KnobGRPOTrainer(GRPOTrainer):
         first_row: dict[Any, int] = {}
         for i, key in enumerate(keys):
             first_row.setdefault(key, i)
-        done: dict[Any, tuple[list[int], float]] = {}
+        references = [self._reference_ids(row.get("answer")) if args.answer_logprobs else None for row in inputs]
+        done: dict[Any, tuple[list[int], float, float | None]] = {}
         calls = 0
         if reuse and self.fused_rollouts and args.batch_rollouts:
             by_prefix: dict[int, list[Any]] = {}
             for key, i in first_row.items():
                 by_prefix.setdefault(id(prefixes[i]), []).append(key)
             for batch in by_prefix.values():
-                prefix = prefixes[first_row[batch[0]]]
-                done.update(zip(batch, self._execute_rows(prefix, [sample.knobs[first_row[key]] for key in batch])))
+                prefix = prefixes[first_row[batch[0]]]  # one request: its rows share the references
+                rows = [first_row[key] for key in batch]
+                done.update(zip(batch, self._execute_rows(prefix, [sample.knobs[i] for i in rows], references[rows[0]])))
                 calls += 1
         for key, i in first_row.items():
             if key not in done:
-                done[key] = self._execute(prompts[i], images[i], sample.knobs[i], prefixes.get(i))
+                done[key] = self._execute(prompts[i], images[i], sample.knobs[i], prefixes.get(i), references[i])
                 calls += 1
         completion_ids = [list(done[key][0]) for key in keys]
         latencies = [done[key][1] for key in keys]
+        answer_logprobs = [done[key][2] for key in keys]
         self._metrics[mode]["executions_per_row"].append(len(done) / len(sample.knobs))
         self._metrics[mode]["generate_calls_per_row"].append(calls / len(sample.knobs))
         completions = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
         completions = [c.strip() for c in completions]
 
         # execution -> reward (TRL's machinery; reward functions see the knobs and the latency)
-        for row, knobs, latency, budget in zip(inputs, sample.knobs, latencies, budgets):
+        for row, knobs, latency, budget, logprob in zip(inputs, sample.knobs, latencies, budgets, answer_logprobs):
             row.update(knobs=knobs.as_dict(), latency_ms=latency, budget_ms=budget)
+            if args.answer_logprobs:
+                row["answer_logprob"] = logprob
         rewards_per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids)  # gathered
 
         # reward -> group-relative advantage

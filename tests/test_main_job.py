@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -52,9 +53,12 @@ def check_outputs(out):
 @pytest.mark.slow
 def test_train_script_single_process(saved_executor_and_data, tmp_path):
     root = saved_executor_and_data
-    run([sys.executable, "examples/train.py", "--model_name_or_path", str(root / "model"), "--dataset_name", str(root / "data"),
-         "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "8", *SHORT])
+    proc = run([sys.executable, "examples/train.py", "--model_name_or_path", str(root / "model"), "--dataset_name", str(root / "data"),
+                "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "8", "--answer_probability", "true", "--logging_steps", "1", *SHORT])
     check_outputs(tmp_path / "out")
+    # the dense answer reward reached TRL's logs, as a probability
+    logged = re.findall(r"'rewards/answer_probability_reward_within_budget/mean': '([0-9.e-]+)'", proc.stdout + proc.stderr)
+    assert logged and all(0.0 <= float(v) <= 1.0 for v in logged)
 
 
 @pytest.mark.slow

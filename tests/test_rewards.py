@@ -1,5 +1,6 @@
 """Tests for knob_grpo.rewards on hand-built rows."""
 
+import math
 import pickle
 
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from knob_grpo.knobs import KnobSpace
 from knob_grpo.rewards import (
     anls,
+    answer_probability_reward,
     anls_reward,
     budget_penalty_reward,
     exact_match_reward,
@@ -121,6 +123,18 @@ def test_multiple_choice_letters_and_text():
 def test_multiple_choice_needs_choices():
     with pytest.raises(ValueError, match="choices"):
         multiple_choice_reward(["q"], ["A"], answer=["A"])
+
+
+def test_answer_probability_is_exp_of_the_logprob_and_refuses_non_logprobs():
+    rewards = answer_probability_reward(["q"] * 3, ["a", "b", "c"], answer_logprob=[0.0, math.log(0.25), None])
+    assert rewards[0] == 1.0 and rewards[1] == pytest.approx(0.25) and rewards[2] is None
+    assert within_budget(answer_probability_reward)(["q"] * 2, ["a", "b"], answer_logprob=[math.log(0.5)] * 2,
+                                                    latency_ms=[10.0, 30.0], budget_ms=[20.0, 20.0]) == [pytest.approx(0.5), 0.0]
+    for bad in (0.5, float("nan")):
+        with pytest.raises(ValueError, match=f"answer_logprob={bad!r}"):
+            answer_probability_reward(["q"], ["a"], answer_logprob=[bad])
+    with pytest.raises(ValueError, match="1 rows but there are 2 completions"):
+        answer_probability_reward(["q"] * 2, ["a", "b"], answer_logprob=[0.0])
 
 
 def test_budget_penalty_hand_built():

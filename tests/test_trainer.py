@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from datasets import Dataset
+from transformers import LogitsProcessor, LogitsProcessorList
 from tiny import tiny_text_model
 
 from knob_grpo import AdaptiveModel, KnobGRPOConfig, KnobGRPOTrainer, Knobs, TwoStageController
 from knob_grpo.controller import prompt_features
 from knob_grpo.latency import DECODE_FEATURES, TTFT_FEATURES, LatencyProfile
+from knob_grpo.rewards import answer_probability_reward
 from knob_grpo.trainer import RewardFunctionError
 
 LOW, HIGH = 72.0, 140.0
@@ -225,9 +229,73 @@ def test_rows_that_drew_the_same_tuple_run_once(tmp_path):
     assert trainer._metrics["train"]["executions_per_row"][-1] == len(distinct) / len(rows)
     completions = list(trainer._logs["completion"])[-16:]
     for row, completion in zip(rows, completions):
-        ids, latency = trainer._execute(row["prompt"], None, Knobs(**row["knobs"]), None)  # this row alone
+        ids, latency, _ = trainer._execute(row["prompt"], None, Knobs(**row["knobs"]), None)  # this row alone
         assert executor.tokenizer.decode(ids, skip_special_tokens=True).strip() == completion
         assert row["latency_ms"] == latency
+
+
+class ForceTokens(LogitsProcessor):
+    """Teacher forcing inside generate: step t may only emit tokens[t] (raw logits stay as the model gave them)."""
+
+    def __init__(self, tokens, prompt_length):
+        self.tokens, self.prompt_length = tokens, prompt_length
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, -math.inf)
+        forced[:, self.tokens[input_ids.shape[1] - self.prompt_length]] = 0.0
+        return forced
+
+
+def teacher_forced_logprob(executor, prompt, knobs, reference, completion):
+    """log p(reference[:j+1]) for the first token j where the completion departs from the reference,
+    from a separate generate that is forced along the reference."""
+    prompt_length = executor.prepare_inputs(prompt)["input_ids"].shape[1]
+    out = executor.generate(prompt, **knobs, max_new_tokens=len(reference), do_sample=False, output_logits=True,
+                            return_dict_in_generate=True, logits_processor=LogitsProcessorList([ForceTokens(reference, prompt_length)]))
+    total = 0.0
+    for t, token in enumerate(reference):
+        total += torch.log_softmax(out.logits[t][0].float(), dim=-1)[token].item()
+        if t >= len(completion) or completion[t] != token:
+            break
+    return total
+
+
+@pytest.mark.parametrize("stage2_mode,batched", [("latency_token", True), ("latency_token", False), ("prompt", True)])
+def test_answer_logprobs_equal_a_teacher_forced_generate(tmp_path, stage2_mode, batched):
+    """Each row's answer_logprob is the executor's log-probability of its reference in the row's own
+    knobs (the likeliest of a list), whichever way the rollouts ran; answer_probability_reward is its exp."""
+    trainer, controller, executor = make_trainer(tmp_path, stage2_mode=stage2_mode, max_steps=1, batch_rollouts=batched,
+                                                 answer_logprobs=True, reward_funcs=[answer_probability_reward])
+    tok = executor.tokenizer
+    full = executor.generate(PROMPTS[0], max_new_tokens=1, do_sample=False)
+    first = tok.decode(full[0, -1:])  # the full model's own first word: some rows follow the reference past it
+    answers = [[f"{first} red", "circle"], "blue"]
+    rows = [dict(prompt=PROMPTS[0], budget=HIGH, answer=answers[0]) for _ in range(8)]
+    rows += [dict(prompt=PROMPTS[1], budget=HIGH, answer=answers[1]) for _ in range(8)]
+    trainer.model.train()
+    torch.manual_seed(0)
+    trainer._generate_and_score_completions(rows)
+    rewards = list(trainer._logs["rewards"]["answer_probability_reward"])[-16:]
+    followed = 0
+    for row, reward in zip(rows, rewards):
+        knobs = {k: v for k, v in row["knobs"].items() if v is not None}
+        completion = trainer._execute(row["prompt"], None, Knobs(**row["knobs"]), None)[0]
+        refs = [tok(a, add_special_tokens=False)["input_ids"] for a in ([row["answer"]] if isinstance(row["answer"], str) else row["answer"])]
+        expected = max(teacher_forced_logprob(executor, row["prompt"], knobs, ref, completion) for ref in refs)
+        assert row["answer_logprob"] == pytest.approx(expected, abs=1e-5)
+        assert reward == pytest.approx(math.exp(expected), rel=1e-5)
+        followed += completion[:1] == refs[0][:1]
+    assert followed > 0  # the two-token reference was scored past its first token somewhere
+
+
+def test_answer_logprob_is_only_passed_when_asked_for(tmp_path):
+    trainer, _, _ = make_trainer(tmp_path, max_steps=1)
+    rows = [dict(prompt=PROMPTS[0], budget=HIGH, answer="red") for _ in range(16)]
+    trainer.model.train()
+    trainer._generate_and_score_completions(rows)
+    assert "answer_logprob" not in rows[0]
+    with pytest.raises(ValueError, match="answer_logprobs=True"):
+        answer_probability_reward(["q"], ["red"], answer=["red"])
 
 
 def test_decision_overhead_is_added_to_every_rollout_latency(tmp_path):
@@ -237,7 +305,7 @@ def test_decision_overhead_is_added_to_every_rollout_latency(tmp_path):
     rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
     trainer._generate_and_score_completions(rows)
     for row in rows:
-        _, without = plain._execute(row["prompt"], None, Knobs(**row["knobs"]), None)
+        _, without, _ = plain._execute(row["prompt"], None, Knobs(**row["knobs"]), None)
         assert row["latency_ms"] == pytest.approx(without + 7.5)
     with pytest.raises(ValueError, match="decision_overhead_ms=-1.0"):
         KnobGRPOConfig(output_dir=str(tmp_path / "bad"), decision_overhead_ms=-1.0)
@@ -250,7 +318,7 @@ def test_latency_margin_scales_profiled_latency(tmp_path):
     rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
     trainer._generate_and_score_completions(rows)
     for row in rows:
-        _, without = plain._execute(row["prompt"], None, Knobs(**row["knobs"]), None)
+        _, without, _ = plain._execute(row["prompt"], None, Knobs(**row["knobs"]), None)
         assert row["latency_ms"] == pytest.approx(without * 1.1 + 2.0)  # the margin scales the profile, not the overhead
     for bad in (-0.1, 1.0, float("nan")):
         with pytest.raises(ValueError, match="latency_margin="):
