@@ -245,7 +245,7 @@ class KnobGRPOTrainer(GRPOTrainer):
         return completion, latency, score
 
     def _execute_rows(self, prefix: PrefixState, tuples: list[Knobs],
-                      references: list[list[int]] | None = None) -> list[tuple[list[int], float, float | None]]:
+                      references: Sequence[list[list[int]] | None] | None = None) -> list[tuple[list[int], float, float | None]]:
         """Run several configurations continued from one prefix as one batched generate (same tokens
         and answer log-probabilities as :meth:`_execute` on each; a row that ends early is cut after
         its end-of-sequence token)."""
@@ -259,8 +259,8 @@ class KnobGRPOTrainer(GRPOTrainer):
             ends = [j for j, token in enumerate(row) if token in eos]
             completion = row[: ends[0] + 1] if ends else row
             score = None
-            if logits is not None and references is not None:
-                score = _answer_logprob([step[r] for step in logits], completion, references)
+            if logits is not None and references is not None and references[r] is not None:
+                score = _answer_logprob([step[r] for step in logits], completion, references[r])
             results.append((completion, self._profile_latency(prefix.inputs, knobs, completion), score))
         return results
 
@@ -325,7 +325,8 @@ class KnobGRPOTrainer(GRPOTrainer):
         # latency times every row alone, and sampling gives each row its own draw.)
         # Fused and greedy, the distinct tuples continued from one prefix run as one batch.
         reuse = self.latency_profile is not None and not self.executor_generation_kwargs.get("do_sample", False)
-        keys = [(prompts[i], _image_key(images[i]), knobs) if reuse else i for i, knobs in enumerate(sample.knobs)]
+        answers = [repr(row.get("answer")) if args.answer_logprobs else None for row in inputs]  # scored rows differ by answer too
+        keys = [(prompts[i], _image_key(images[i]), knobs, answers[i]) if reuse else i for i, knobs in enumerate(sample.knobs)]
         first_row: dict[Any, int] = {}
         for i, key in enumerate(keys):
             first_row.setdefault(key, i)
@@ -337,9 +338,9 @@ class KnobGRPOTrainer(GRPOTrainer):
             for key, i in first_row.items():
                 by_prefix.setdefault(id(prefixes[i]), []).append(key)
             for batch in by_prefix.values():
-                prefix = prefixes[first_row[batch[0]]]  # one request: its rows share the references
+                prefix = prefixes[first_row[batch[0]]]
                 rows = [first_row[key] for key in batch]
-                done.update(zip(batch, self._execute_rows(prefix, [sample.knobs[i] for i in rows], references[rows[0]])))
+                done.update(zip(batch, self._execute_rows(prefix, [sample.knobs[i] for i in rows], [references[i] for i in rows])))
                 calls += 1
         for key, i in first_row.items():
             if key not in done:

@@ -269,9 +269,9 @@ def test_answer_logprobs_equal_a_teacher_forced_generate(tmp_path, stage2_mode, 
     tok = executor.tokenizer
     full = executor.generate(PROMPTS[0], max_new_tokens=1, do_sample=False)
     first = tok.decode(full[0, -1:])  # the full model's own first word: some rows follow the reference past it
-    answers = [[f"{first} red", "circle"], "blue"]
-    rows = [dict(prompt=PROMPTS[0], budget=HIGH, answer=answers[0]) for _ in range(8)]
-    rows += [dict(prompt=PROMPTS[1], budget=HIGH, answer=answers[1]) for _ in range(8)]
+    rows = [dict(prompt=PROMPTS[0], budget=HIGH, answer=[f"{first} red", "circle"]) for _ in range(8)]
+    # one request whose rows carry different references: each row is scored against its own
+    rows += [dict(prompt=PROMPTS[1], budget=HIGH, answer=["blue", "red"][i % 2]) for i in range(8)]
     trainer.model.train()
     torch.manual_seed(0)
     trainer._generate_and_score_completions(rows)
