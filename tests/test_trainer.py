@@ -35,7 +35,7 @@ def gated_quality_reward(completions, knobs, latency_ms, budget_ms, **kwargs):
             for k, lat, b in zip(knobs, latency_ms, budget_ms)]
 
 
-def make_trainer(tmp_path, stage2_mode="prompt", reward_funcs=None, **overrides):
+def make_trainer(tmp_path, stage2_mode="prompt", reward_funcs=None, measured=False, **overrides):
     model, tok = tiny_text_model("olmoe")
     executor = AdaptiveModel(model, tok)
     torch.manual_seed(0)
@@ -50,7 +50,7 @@ def make_trainer(tmp_path, stage2_mode="prompt", reward_funcs=None, **overrides)
     settings.update(overrides)
     args = KnobGRPOConfig(**settings)
     trainer = KnobGRPOTrainer(controller, executor, reward_funcs or [gated_quality_reward], args=args,
-                              train_dataset=dataset, latency_profile=known_profile(executor))
+                              train_dataset=dataset, latency_profile=None if measured else known_profile(executor))
     return trainer, controller, executor
 
 
@@ -260,12 +260,14 @@ def teacher_forced_logprob(executor, prompt, knobs, reference, completion):
     return total
 
 
-@pytest.mark.parametrize("stage2_mode,batched", [("latency_token", True), ("latency_token", False), ("prompt", True)])
-def test_answer_logprobs_equal_a_teacher_forced_generate(tmp_path, stage2_mode, batched):
+@pytest.mark.parametrize("stage2_mode,batched,measured", [("latency_token", True, False), ("latency_token", False, False),
+                                                          ("prompt", True, False), ("prompt", True, True)])
+def test_answer_logprobs_equal_a_teacher_forced_generate(tmp_path, stage2_mode, batched, measured):
     """Each row's answer_logprob is the executor's log-probability of its reference in the row's own
     knobs (the likeliest of a list), whichever way the rollouts ran; answer_probability_reward is its exp."""
     trainer, controller, executor = make_trainer(tmp_path, stage2_mode=stage2_mode, max_steps=1, batch_rollouts=batched,
-                                                 answer_logprobs=True, reward_funcs=[answer_probability_reward])
+                                                 measured=measured, answer_logprobs=True, reward_funcs=[answer_probability_reward])
+    assert (trainer.latency_profile is None) == measured  # measured: each rollout timed alone through LatencyMeter
     tok = executor.tokenizer
     full = executor.generate(PROMPTS[0], max_new_tokens=1, do_sample=False)
     first = tok.decode(full[0, -1:])  # the full model's own first word: some rows follow the reference past it
