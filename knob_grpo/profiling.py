@@ -704,7 +704,7 @@ def suggest_latency_margin(profile: LatencyProfile, records: Sequence[SweepRecor
     ``records`` may also be several passes over the same runs (a list of record lists); the margin
     is then the smallest pass's. A burst of load from elsewhere on the machine inflates only the
     pass it falls in, while what single runs add systematically shows in every pass: on the
-    embedded default one pass once gave 38% where four others gave 3–14%.
+    embedded default one pass once gave 38% where four others gave 2.5–14%.
     """
     if target not in ("ttft", "end_to_end"):
         raise ValueError(f"target={target!r}; allowed: 'ttft', 'end_to_end'")

@@ -166,8 +166,8 @@ def answer_probability_reward(prompts: Sequence[Any], completions: Sequence[Any]
     """The executor's probability of the reference answer in the row's knobs: ``exp(answer_logprob)``.
 
     Exact match is 0 or 1, so two configurations that both answer (or both miss) a question tie
-    even when one is far surer of the answer. This reward tells them apart on every question, which
-    is what a controller needs to learn differences of a point or two in accuracy. Needs
+    even when one is far surer of the answer. This reward tells them apart on every question, a
+    signal that exact match gives only on the few questions where their answers differ. Needs
     ``KnobGRPOConfig(answer_logprobs=True)``; a row whose ``answer_logprob`` is ``None`` (no answer)
     gives ``None``.
     """
