@@ -708,7 +708,7 @@ def suggest_latency_margin(profile: LatencyProfile, records: Sequence[SweepRecor
     """
     if target not in ("ttft", "end_to_end"):
         raise ValueError(f"target={target!r}; allowed: 'ttft', 'end_to_end'")
-    passes = [list(p) for p in records] if records and not isinstance(records[0], SweepRecord) else [list(records)]
+    passes = [list(p) for p in records] if records and not isinstance(records[0], ProfileRecord) else [list(records)]
     if not all(passes):
         raise ValueError("suggest_latency_margin needs timed records (profile_executor's output); got none")
     return min(max(profile.holdout_excess(p, q)[target], 0.0) for p in passes) / 100

@@ -71,11 +71,14 @@ def _answer_logprob(step_logits: Sequence[torch.Tensor], completion: list[int], 
     sum is exactly log p(reference[:j+1]) for that first departure j (the whole reference when the
     completion starts with it, and for a one-token answer its log-probability).
     """
+    log_probs: dict[int, torch.Tensor] = {}  # per step, computed once for all references
     best = -math.inf
     for reference in references:
         total = 0.0
         for t, token in enumerate(reference[: len(step_logits)]):
-            total += torch.log_softmax(step_logits[t].float(), dim=-1)[token].item()
+            if t not in log_probs:
+                log_probs[t] = torch.log_softmax(step_logits[t].float(), dim=-1)
+            total += log_probs[t][token].item()
             if t >= len(completion) or completion[t] != token:
                 break
         best = max(best, total)
@@ -330,7 +333,8 @@ class KnobGRPOTrainer(GRPOTrainer):
         first_row: dict[Any, int] = {}
         for i, key in enumerate(keys):
             first_row.setdefault(key, i)
-        references = [self._reference_ids(row.get("answer")) if args.answer_logprobs else None for row in inputs]
+        # tokenised once per executed (request, tuple), not per row
+        references = {i: self._reference_ids(inputs[i].get("answer")) if args.answer_logprobs else None for i in first_row.values()}
         done: dict[Any, tuple[list[int], float, float | None]] = {}
         calls = 0
         if reuse and self.fused_rollouts and args.batch_rollouts:
