@@ -1,5 +1,6 @@
 """examples/train.py end to end, shortened, on a tiny model of the embedded architecture."""
 
+import importlib.util
 import json
 import os
 import re
@@ -7,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+
+from knob_grpo import KnobGRPOConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--max_steps", "2", "--train_samples", "16", "--profile_samples", "2", "--profile_configs", "4", "--lookup_samples", "2",
@@ -48,6 +51,23 @@ def check_outputs(out):
     assert (out / "pareto.png").stat().st_size > 1000
     card = (out / "README.md").read_text()
     assert "## Evaluation" in card and "| controller |" in card
+
+
+def test_train_script_defaults_and_overrides(tmp_path, monkeypatch):
+    """The script's own defaults (dense answer reward, rewards not divided by the group's spread), and
+    the command line and a YAML file override them as for any TRL script."""
+    spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "examples", "train.py"))
+    train_script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, train_script)  # dataclasses look their module up there
+    spec.loader.exec_module(train_script)
+    script, args = train_script.parse_args(["--output_dir", str(tmp_path)])
+    assert script.answer_probability is True and args.scale_rewards == "none"
+    assert KnobGRPOConfig(output_dir=str(tmp_path)).scale_rewards == "group"  # the library keeps TRL's default
+    script, args = train_script.parse_args(["--output_dir", str(tmp_path), "--scale_rewards", "group", "--answer_probability", "false"])
+    assert script.answer_probability is False and args.scale_rewards == "group"
+    (tmp_path / "run.yaml").write_text("scale_rewards: batch\n")
+    _, args = train_script.parse_args(["--output_dir", str(tmp_path), "--config", str(tmp_path / "run.yaml")])
+    assert args.scale_rewards == "batch"
 
 
 @pytest.mark.slow
