@@ -34,6 +34,7 @@ from .config import KnobGRPOConfig
 from .controller import TwoStageController, prompt_features
 from .knobs import KNOB_NAMES, Knobs
 from .latency import LatencyMeter, LatencyProfile
+from .rewards import _references
 
 
 class RewardFunctionError(RuntimeError):
@@ -204,12 +205,14 @@ class KnobGRPOTrainer(GRPOTrainer):
         return kwargs
 
     def _reference_ids(self, answer: Any) -> list[list[int]] | None:
-        """Token ids of each acceptable answer (``None`` for a row without one)."""
-        if answer is None:
+        """Token ids of each acceptable answer, the same answers exact match compares against
+        (``None`` for a row without one)."""
+        texts = _references(answer) if answer is not None else []
+        if not texts:
             return None
         ids = []
-        for text in [answer] if isinstance(answer, str) else list(answer):
-            tokens = self.processing_class(str(text), add_special_tokens=False)["input_ids"]
+        for text in texts:
+            tokens = self.processing_class(text, add_special_tokens=False)["input_ids"]
             if not tokens:
                 raise ValueError(f"answer {text!r} has no tokens: answer_logprobs cannot score it")
             ids.append(list(tokens))

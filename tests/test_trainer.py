@@ -300,6 +300,12 @@ def test_answer_logprob_is_only_passed_when_asked_for(tmp_path):
         answer_probability_reward(["q"], ["red"], answer=["red"])
 
 
+def test_answer_logprobs_score_the_answers_exact_match_compares_against(tmp_path):
+    trainer, _, _ = make_trainer(tmp_path, max_steps=1, answer_logprobs=True)
+    assert trainer._reference_ids([None, "red"]) == trainer._reference_ids("red")  # a missing entry is no answer
+    assert trainer._reference_ids([None]) is None and trainer._reference_ids(None) is None
+
+
 def test_decision_overhead_is_added_to_every_rollout_latency(tmp_path):
     plain, _, executor = make_trainer(tmp_path / "plain", max_steps=1)
     trainer, _, _ = make_trainer(tmp_path / "overhead", max_steps=1, decision_overhead_ms=7.5)
