@@ -7,7 +7,8 @@
 
 Steps: load the executor -> fit a latency profile on this device, and measure how far single runs
 exceed it (the latency margin) and what the controller's decision adds to a request -> train the
-controller with KnobGRPOTrainer -> evaluate it against the lookup table, the best static configuration,
+controller with KnobGRPOTrainer -> time those single runs again and tell the controller how much slower
+the device runs now (its latency scale) -> evaluate it against the lookup table, the best static configuration,
 the full model and the oracle with measured latency -> write the table, the Pareto plot and the controller checkpoint.
 """
 
@@ -26,7 +27,7 @@ from trl import TrlParser  # noqa: E402
 from knob_grpo import AdaptiveModel, KnobGRPOConfig, KnobGRPOTrainer, TwoStageController  # noqa: E402
 from knob_grpo.evaluation import evaluate_budgets  # noqa: E402
 from knob_grpo.profiling import (fit_profile, measure_decision_overhead, profile_executor, suggest_budget_range,  # noqa: E402
-                                suggest_latency_margin)
+                                suggest_latency_margin, suggest_latency_scale)
 from knob_grpo.rewards import answer_probability_reward, exact_match_reward, make_budget_reward, within_budget  # noqa: E402
 
 
@@ -64,6 +65,10 @@ class ScriptArguments:
                                                          "per profiled configuration to measure the latency margin."})
     margin_passes: int = field(default=2, metadata={"help": "Passes over those runs; the margin is the smallest pass's, so a burst "
                                                        "of load from elsewhere during one pass does not set it."})
+    recalibrate_latency: bool = field(
+        default=True, metadata={"help": "Before the evaluation, time those runs once more and set the controller's latency_scale "
+                                "(suggest_latency_scale): how much slower than in its profile the device runs now. The lookup "
+                                "table is chosen on runs timed during the evaluation; this gives the controller the same news."})
     answer_probability: bool = field(
         default=True, metadata={"help": "Add the executor's probability of the reference answer to the reward (answer_probability_reward, "
                                 "with KnobGRPOConfig.answer_logprobs): exact match gives two configurations that both answer "
@@ -173,6 +178,14 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
     # 3. the budget sweep, with measured latency, against the lookup table, the best static configuration, the full model and the oracle
     budgets = script.eval_budgets or [round(args.budget_min_ms * (args.budget_max_ms / args.budget_min_ms) ** (i / 4), 1) for i in range(5)]
     if state.is_main_process:
+        if script.recalibrate_latency:  # the same single runs as the margin's, timed again now
+            fresh = list(profile_data)[script.profile_samples: script.profile_samples + script.margin_samples]
+            if not fresh:
+                raise ValueError(f"the profile split has no rows after the profile's {script.profile_samples}: recalibrating "
+                                 "the latency scale needs others (or --recalibrate_latency false)")
+            now = profile_executor(executor, fresh, configs=script.profile_configs, repeats=1, seed=1)
+            controller.latency_scale = suggest_latency_scale(profile, now, args.latency_margin, args.latency_target)
+            print(f"latency scale {controller.latency_scale:.3f}: single runs now against the profile and margin trained with")
         lookup_data = profile_data.select(range(min(script.lookup_samples, len(profile_data))))
         result = evaluate_budgets(executor, controller, test, budgets, profile_dataset=lookup_data, configs=script.sweep_configs,
                                   max_new_tokens=args.max_completion_length, latency_target=args.latency_target,

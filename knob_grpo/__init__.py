@@ -23,7 +23,14 @@ from .controller import ControllerConfig, TwoStageController
 from .evaluation import EvaluationResult, evaluate_budgets
 from .knobs import KNOB_NAMES, Knobs, KnobSpace
 from .latency import LatencyMeasurement, LatencyMeter, LatencyProfile
-from .profiling import fit_profile, measure_decision_overhead, profile_executor, suggest_budget_range, suggest_latency_margin
+from .profiling import (
+    fit_profile,
+    measure_decision_overhead,
+    profile_executor,
+    suggest_budget_range,
+    suggest_latency_margin,
+    suggest_latency_scale,
+)
 from .trainer import KnobGRPOTrainer
 
 __version__ = "0.1.0"
@@ -52,5 +59,6 @@ __all__ = [
     "register_architecture",
     "suggest_budget_range",
     "suggest_latency_margin",
+    "suggest_latency_scale",
     "__version__",
 ]

@@ -426,7 +426,31 @@ class TwoStageController(PreTrainedModel):
         # TRL reads (and writes pad/eos ids into) ``model.generation_config``; the controller does
         # not generate tokens, this is only there so the trainer's setup finds one.
         self.generation_config = GenerationConfig()
+        self._latency_scale = 1.0
         self.post_init()
+
+    @property
+    def latency_scale(self) -> float:
+        """How many times slower than during training requests run on this device now (default 1).
+
+        The controller learned which tuples fit a budget on its training profile; a budget is
+        divided by this before the controller reads it, so on a device (or a moment) ``s`` times
+        slower it picks what fitted ``budget / s`` then. Measure it with
+        :func:`~knob_grpo.profiling.suggest_latency_scale` just before serving or evaluating. A
+        property of the device, not of the policy: it is not saved with the checkpoint, and the
+        trainer refuses a controller whose scale is not 1 (its rewards already use the profile).
+        """
+        return self._latency_scale
+
+    @latency_scale.setter
+    def latency_scale(self, value: float) -> None:
+        try:
+            scale = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"latency_scale={value!r} is not allowed: give a finite number > 0") from None
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"latency_scale={value!r} is not allowed: give a finite number > 0")
+        self._latency_scale = scale
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -574,8 +598,9 @@ class TwoStageController(PreTrainedModel):
         return self._latency_tokens(latency_tokens, n)
 
     def budget_code(self, budgets: Any, n: int) -> torch.Tensor:
-        """The fixed part of the budget feature: ``(n, budget_encoding_dim + 1)``."""
-        return self.budget_encoding(self.budget_tensor(budgets, n)).to(self._param.dtype)
+        """The fixed part of the budget feature: ``(n, budget_encoding_dim + 1)``, of the budgets
+        divided by :attr:`latency_scale` (in the training profile's milliseconds)."""
+        return self.budget_encoding(self.budget_tensor(budgets, n) / self._latency_scale).to(self._param.dtype)
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -727,6 +727,15 @@ def evaluate_budgets(
             picks = oracle_choice(sweep.per_sample(latency_target), budget)
             outcomes[("oracle", budget)] = [sweep.outcomes[sweep.configs.index(p.config_key)][i] for i, p in enumerate(picks)]
 
+    metadata = {
+        "controller stage 2 mode": str(controller.stage2_mode),
+        "lookup table chosen on": f"{profile.num_rows} calibration rows, {len(profile.configs)} configurations, {lookup_statistic} latency",
+        "static configurations run on the evaluation rows": len(static),
+        "max_new_tokens": max_new_tokens,
+    }
+    scale = getattr(controller, "latency_scale", 1.0)
+    if scale != 1.0:
+        metadata["controller latency scale"] = f"{scale:.3f} (each budget divided by it before the controller reads it)"
     result = EvaluationResult(
         budgets=budgets,
         outcomes=outcomes,
@@ -734,13 +743,7 @@ def evaluate_budgets(
         executor=str(adaptive.name_or_path),
         device=current_device_name(adaptive.device),
         lookup_choices=dict(zip(budgets, choices)),
-        metadata={
-            "controller stage 2 mode": str(controller.stage2_mode),
-            "lookup table chosen on": f"{profile.num_rows} calibration rows, {len(profile.configs)} configurations, "
-            f"{lookup_statistic} latency",
-            "static configurations run on the evaluation rows": len(static),
-            "max_new_tokens": max_new_tokens,
-        },
+        metadata=metadata,
         profile_sweep=profile,
         evaluation_sweep=sweep,
     )

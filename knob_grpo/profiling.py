@@ -71,6 +71,7 @@ __all__ = [
     "measure_decision_overhead",
     "suggest_budget_range",
     "suggest_latency_margin",
+    "suggest_latency_scale",
 ]
 
 SPLIT_MODES: tuple[str, ...] = ("pair", "config", "input")
@@ -706,9 +707,35 @@ def suggest_latency_margin(profile: LatencyProfile, records: Sequence[SweepRecor
     pass it falls in, while what single runs add systematically shows in every pass: on the
     embedded default one pass once gave 38% where four others gave 2.5–14%.
     """
+    return min(max(excess, 0.0) for excess in _pass_excess(profile, records, target, q, "suggest_latency_margin")) / 100
+
+
+def suggest_latency_scale(profile: LatencyProfile, records: Sequence[SweepRecord] | Sequence[Sequence[SweepRecord]],
+                          latency_margin: float = 0.0, target: str = "ttft", q: float = 95.0) -> float:
+    """A :attr:`TwoStageController.latency_scale` for this device now: how many times slower its
+    requests run than the controller was trained for.
+
+    The controller learned to keep ``predicted x (1 + latency_margin)`` (plus its decision time)
+    under each budget. Time single runs now, as for :func:`suggest_latency_margin`; their ``q``-th
+    percentile of measured over predicted latency, divided by ``1 + latency_margin``, is the scale:
+    1 when the tail is where the margin put it, above 1 on a slower device or a busier moment
+    (the controller then treats a budget as that many times smaller), below 1 on a faster one.
+    Several passes (a list of record lists): the smallest pass's, as for the margin. On the
+    embedded default the cheapest configuration took 6-21% longer in the evaluation than in the
+    profile the controller was trained on (three main-job runs), and those controllers were late
+    at the smallest budget in up to 21% of requests.
+    """
+    if not (isinstance(latency_margin, (int, float)) and math.isfinite(latency_margin) and latency_margin >= 0):
+        raise ValueError(f"latency_margin={latency_margin!r} must be a finite number >= 0 (KnobGRPOConfig.latency_margin)")
+    excess = min(_pass_excess(profile, records, target, q, "suggest_latency_scale"))
+    return (1 + excess / 100) / (1 + latency_margin)
+
+
+def _pass_excess(profile: LatencyProfile, records: Any, target: str, q: float, caller: str) -> list[float]:
+    """``profile.holdout_excess`` (in %) of each pass of timed records (one list, or a list of lists)."""
     if target not in ("ttft", "end_to_end"):
         raise ValueError(f"target={target!r}; allowed: 'ttft', 'end_to_end'")
     passes = [list(p) for p in records] if records and not isinstance(records[0], ProfileRecord) else [list(records)]
     if not all(passes):
-        raise ValueError("suggest_latency_margin needs timed records (profile_executor's output); got none")
-    return min(max(profile.holdout_excess(p, q)[target], 0.0) for p in passes) / 100
+        raise ValueError(f"{caller} needs timed records (profile_executor's output); got none")
+    return [profile.holdout_excess(p, q)[target] for p in passes]

@@ -138,6 +138,9 @@ class KnobGRPOTrainer(GRPOTrainer):
         if not isinstance(args, KnobGRPOConfig):
             raise TypeError("args must be a KnobGRPOConfig")
         model.check_executor(executor)
+        if model.latency_scale != 1.0:  # training budgets are the rewards' budgets, in the profile's milliseconds
+            raise ValueError(f"the controller has latency_scale={model.latency_scale}; it is for serving a trained controller "
+                             "on a device of another speed. Train with latency_scale=1 (set it after training)")
         funcs = [reward_funcs] if callable(reward_funcs) else list(reward_funcs)
         if not funcs:
             raise ValueError("KnobGRPOTrainer needs at least one reward function")

@@ -265,6 +265,27 @@ def test_budgets_outside_the_range_behave_like_its_ends(vlm_space):
     assert not torch.allclose(free.log_probs(configs, lang, 1234.5).total, free.log_probs(configs, lang, 400.0).total)
 
 
+def test_latency_scale_reads_each_budget_as_that_many_times_smaller(vlm_space, tmp_path):
+    ctrl = make_controller(vlm_space, "prompt", head_scale=3.0)
+    lang = torch.randn(4, 32)
+    configs = [vlm_space.cheapest(), vlm_space.full()] * 2
+    budgets = [150.0, 220.0, 300.0, 390.0]
+    unscaled = ctrl.log_probs(configs, lang, budgets).total
+    as_smaller = ctrl.log_probs(configs, lang, [b / 1.25 for b in budgets]).total
+    decisions = ctrl.decide(lang, [b / 1.25 for b in budgets])
+    assert not torch.allclose(unscaled, as_smaller)  # the budgets differ for this policy
+    ctrl.latency_scale = 1.25
+    torch.testing.assert_close(ctrl.log_probs(configs, lang, budgets).total, as_smaller)
+    assert ctrl.decide(lang, budgets) == decisions
+    for bad in (0, -1.0, float("nan"), float("inf"), "fast", None):
+        with pytest.raises(ValueError, match=re.escape(f"latency_scale={bad!r}")):
+            ctrl.latency_scale = bad
+    assert ctrl.latency_scale == 1.25  # a refused value leaves it as it was
+    # a property of the device it runs on, not of the policy: not saved with the checkpoint
+    ctrl.save_pretrained(tmp_path)
+    assert AutoModel.from_pretrained(tmp_path).latency_scale == 1.0
+
+
 # --------------------------------------------------------------------------- persistence
 @pytest.mark.parametrize("mode", ["latency_token", "prompt"])
 def test_save_and_auto_load_give_identical_decisions_and_log_probs(mode, vlm, tmp_path):

@@ -79,6 +79,9 @@ def test_train_script_single_process(saved_executor_and_data, tmp_path):
     # the dense answer reward reached TRL's logs, as a probability
     logged = re.findall(r"'rewards/answer_probability_reward_within_budget/mean': '([0-9.e-]+)'", proc.stdout + proc.stderr)
     assert logged and all(0.0 <= float(v) <= 1.0 for v in logged)
+    # the controller was evaluated with the latency scale measured after training (not saved with it)
+    scale = re.search(r"latency scale ([0-9.]+): single runs now", proc.stdout).group(1)
+    assert f"- controller latency scale: {scale} (" in (tmp_path / "out" / "evaluation.md").read_text()
 
 
 @pytest.mark.slow

@@ -100,6 +100,19 @@ def test_a_reward_function_that_raises_is_named(tmp_path):
         trainer.train()
 
 
+def test_a_controller_with_a_latency_scale_is_refused(tmp_path):
+    """Training rewards compare the profile's latency with the budgets themselves, so a scale set
+    for serving would make the policy read budgets the rewards do not use."""
+    model, tok = tiny_text_model("olmoe")
+    executor = AdaptiveModel(model, tok)
+    controller = TwoStageController.for_executor(executor, budget_range=(50.0, 150.0))
+    controller.latency_scale = 1.2
+    args = KnobGRPOConfig(output_dir=str(tmp_path / "out"), num_generations=2, per_device_train_batch_size=2, max_steps=1)
+    with pytest.raises(ValueError, match="latency_scale=1.2"):
+        KnobGRPOTrainer(controller, executor, [gated_quality_reward], args=args,
+                        train_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}), latency_profile=known_profile(executor))
+
+
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     common = dict(max_steps=6, save_strategy="steps", save_steps=3, logging_steps=3)
     trainer, controller, _ = make_trainer(tmp_path / "a", **common)
