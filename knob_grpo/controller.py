@@ -72,6 +72,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .knobs import KNOB_NAMES, Knobs, KnobSpace
+from .latency import _check_budget
 
 __all__ = [
     "ControllerConfig",
@@ -444,13 +445,7 @@ class TwoStageController(PreTrainedModel):
 
     @latency_scale.setter
     def latency_scale(self, value: float) -> None:
-        try:
-            scale = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"latency_scale={value!r} is not allowed: give a finite number > 0") from None
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"latency_scale={value!r} is not allowed: give a finite number > 0")
-        self._latency_scale = scale
+        self._latency_scale = _check_budget(value, "latency_scale")  # a finite number > 0, as a budget is
 
     # ------------------------------------------------------------------ construction
     @classmethod
