@@ -800,6 +800,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max_new_tokens", type=int, default=8)
     p.add_argument("--score", choices=("exact_match", "vqa"), default="exact_match")
     p.add_argument("--no_oracle", action="store_true", help="skip the oracle and the best static configuration (and their sweep of every configuration)")
+    p.add_argument("--latency_scale", type=float, default=1.0,
+                   help="how many times slower than in its training profile requests run on this device now "
+                   "(TwoStageController.latency_scale, from suggest_latency_scale)")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_progress", action="store_true")
@@ -822,6 +825,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     adaptive = AdaptiveModel.from_pretrained("knob_grpo/embedded" if args.executor == "embedded" else args.executor)
     controller = TwoStageController.from_pretrained(args.controller).eval()
+    controller.latency_scale = args.latency_scale
     dataset = _load_rows(args.dataset, args.split, args.limit)
     profile_dataset = None if args.profile_dataset is None else _load_rows(args.profile_dataset, args.split, args.profile_limit)
     result = evaluate_budgets(

@@ -294,9 +294,14 @@ def test_cli(vlm, data, tmp_path):
     code = main(["--executor", str(tmp_path / "executor"), "--controller", str(tmp_path / "controller"),
                  "--budgets", "15", "60", "--dataset", str(tmp_path / "eval"), "--profile_dataset", str(tmp_path / "calib"),
                  "--output_dir", str(out), "--max_new_tokens", "2", "--num_threads", "1", "--no_progress", "--no_oracle",
-                 "--save_profile_records", str(tmp_path / "calib_sweep.json")])
+                 "--save_profile_records", str(tmp_path / "calib_sweep.json"), "--latency_scale", "1.5"])
     assert code == 0
     rows = json.loads((out / "evaluation.json").read_text())
     assert len(rows) == 3 * 2 and all(math.isfinite(r["mean_latency_ms"]) for r in rows)
-    assert (out / "evaluation.md").exists() and (out / "pareto.png").exists()
+    assert "- controller latency scale: 1.500 (" in (out / "evaluation.md").read_text()
+    assert (out / "pareto.png").exists()
+    with pytest.raises(ValueError, match="latency_scale=0.0"):
+        main(["--executor", str(tmp_path / "executor"), "--controller", str(tmp_path / "controller"), "--budgets", "15",
+              "--dataset", str(tmp_path / "eval"), "--profile_dataset", str(tmp_path / "calib"), "--output_dir", str(out),
+              "--latency_scale", "0"])
     assert StaticSweep.load(tmp_path / "calib_sweep.json").num_rows == 2
