@@ -66,7 +66,7 @@ class ScriptArguments:
     margin_passes: int = field(default=2, metadata={"help": "Passes over those runs; the margin is the smallest pass's, so a burst "
                                                        "of load from elsewhere during one pass does not set it."})
     recalibrate_latency: bool = field(
-        default=True, metadata={"help": "Before the evaluation, time those runs once more and set the controller's latency_scale "
+        default=True, metadata={"help": "Before the evaluation, time those runs again (margin_passes passes) and set the controller's latency_scale "
                                 "(suggest_latency_scale): how much slower than in its profile the device runs now. The lookup "
                                 "table is chosen on runs timed during the evaluation; this gives the controller the same news."})
     answer_probability: bool = field(
@@ -183,7 +183,7 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
             if not fresh:
                 raise ValueError(f"the profile split has no rows after the profile's {script.profile_samples}: recalibrating "
                                  "the latency scale needs others (or --recalibrate_latency false)")
-            now = profile_executor(executor, fresh, configs=script.profile_configs, repeats=1, seed=1)
+            now = [profile_executor(executor, fresh, configs=script.profile_configs, repeats=1, seed=1) for _ in range(script.margin_passes)]
             controller.latency_scale = suggest_latency_scale(profile, now, args.latency_margin, args.latency_target)
             print(f"latency scale {controller.latency_scale:.3f}: single runs now against the profile and margin trained with")
         lookup_data = profile_data.select(range(min(script.lookup_samples, len(profile_data))))

@@ -432,14 +432,17 @@ class TwoStageController(PreTrainedModel):
 
     @property
     def latency_scale(self) -> float:
-        """How many times slower than during training requests run on this device now (default 1).
+        """How many times slower than the controller was trained for requests run on this device
+        now (default 1).
 
-        The controller learned which tuples fit a budget on its training profile; a budget is
-        divided by this before the controller reads it, so on a device (or a moment) ``s`` times
-        slower it picks what fitted ``budget / s`` then. Measure it with
-        :func:`~knob_grpo.profiling.suggest_latency_scale` just before serving or evaluating. A
-        property of the device, not of the policy: it is not saved with the checkpoint, and the
-        trainer refuses a controller whose scale is not 1 (its rewards already use the profile).
+        The controller learned which tuples fit a budget on its training profile (with its latency
+        margin and decision overhead); a budget is divided by this before the controller reads it,
+        so on a device (or a moment) ``s`` times slower it picks what fitted ``budget / s`` then. The
+        decision overhead it learned is scaled with the rest, which errs on the safe side on a
+        slower device. Measure it with :func:`~knob_grpo.profiling.suggest_latency_scale` (from the
+        training's latency profile and margin) just before serving or evaluating. A property of
+        the device, not of the policy: it is not saved with the checkpoint, and the trainer refuses
+        a controller whose scale is not 1, when built and when training starts.
         """
         return self._latency_scale
 

@@ -68,7 +68,7 @@ def _check_budget(budget: Any, name: str = "budget_ms") -> float:
     try:
         value = float(budget)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}={budget!r} is not a number") from None
+        raise ValueError(f"{name}={budget!r} is not a number; it must be a finite number > 0") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}={budget!r} must be a finite number > 0")
     return value

@@ -64,6 +64,18 @@ def _image_key(image: Any) -> Any:
     return zlib.crc32(tobytes()) if tobytes is not None else id(image)
 
 
+LATENCY_PROFILE_FILE = "latency_profile.json"  # next to a saved controller: the profile its rewards used
+
+
+def _check_unscaled(controller: TwoStageController) -> None:
+    """Rollouts and rewards compare the profile's latency with the budgets themselves: a
+    :attr:`TwoStageController.latency_scale` (for serving on a device of another speed) would make
+    the policy read budgets the rewards do not use."""
+    if controller.latency_scale != 1.0:
+        raise ValueError(f"the controller has latency_scale={controller.latency_scale}; it is for serving a trained controller "
+                         "on a device of another speed. Train with latency_scale=1 (set it after training)")
+
+
 def _answer_logprob(step_logits: Sequence[torch.Tensor], completion: list[int], references: list[list[int]]) -> float:
     """Log-probability of the likeliest reference answer, read off one greedy generate's logits.
 
@@ -138,9 +150,7 @@ class KnobGRPOTrainer(GRPOTrainer):
         if not isinstance(args, KnobGRPOConfig):
             raise TypeError("args must be a KnobGRPOConfig")
         model.check_executor(executor)
-        if model.latency_scale != 1.0:  # training budgets are the rewards' budgets, in the profile's milliseconds
-            raise ValueError(f"the controller has latency_scale={model.latency_scale}; it is for serving a trained controller "
-                             "on a device of another speed. Train with latency_scale=1 (set it after training)")
+        _check_unscaled(model)
         funcs = [reward_funcs] if callable(reward_funcs) else list(reward_funcs)
         if not funcs:
             raise ValueError("KnobGRPOTrainer needs at least one reward function")
@@ -291,6 +301,15 @@ class KnobGRPOTrainer(GRPOTrainer):
         return float(latency) * (1 + self.args.latency_margin) + self.args.decision_overhead_ms
 
     # ------------------------------------------------------------------ one generation batch
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.latency_profile is not None:  # where the controller is served, suggest_latency_scale needs it
+            self.latency_profile.save(os.path.join(output_dir or self.args.output_dir, LATENCY_PROFILE_FILE))
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        _check_unscaled(self.accelerator.unwrap_model(self.model))  # also when set after the trainer was built
+        return super().train(*args, **kwargs)
+
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         args, executor = self.args, self.executor
         mode = "train" if self.model.training else "eval"

@@ -367,6 +367,7 @@ def test_short_grpo_run_raises_reward_keeps_budgets_and_tells_question_types_apa
     ladder = sorted({predicted(ex, k) for ex in test_rows for k in executor.knob_space.all_configs()})
     ladder = [t for t in ladder if lo <= t <= hi]
     gaps = sorted(zip(ladder, ladder[1:]), key=lambda g: g[1] - g[0], reverse=True)[:2]
+    assert len(gaps) == 2, ladder
     differ = []
     for budget in [(a + b) / 2 for a, b in gaps] + [hi]:
         fits, by_type = [], {}
@@ -376,7 +377,7 @@ def test_short_grpo_run_raises_reward_keeps_budgets_and_tells_question_types_apa
             knobs = result.knobs[0]
             by_type.setdefault(ex["qtype"], set()).add(knobs)
             fits.append(predicted(ex, knobs) <= budget)
-        if budget < hi:  # at hi every configuration fits by construction
+        if budget < hi:  # hi is 1.1 x the slowest profiled median: a row's prediction may lie above it
             assert sum(fits) >= 0.9 * len(fits), (budget, sum(fits), gaps)
         differ.append(len({frozenset(v) for v in by_type.values()}) > 1)
     assert any(differ), by_type

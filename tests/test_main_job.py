@@ -49,6 +49,10 @@ def check_outputs(out):
     rows = rows["rows"] if isinstance(rows, dict) else rows
     assert {(r["method"], r["budget_ms"]) for r in rows} >= {("controller", 20.0), ("lookup table", 60.0), ("oracle", 20.0)}
     assert (out / "pareto.png").stat().st_size > 1000
+    # the profile the rewards used is saved next to the controller (suggest_latency_scale needs it where it is served)
+    from knob_grpo import LatencyProfile
+
+    assert any(v > 0 for v in LatencyProfile.load(out / "latency_profile.json").ttft_coef.values())
     card = (out / "README.md").read_text()
     assert "## Evaluation" in card and "| controller |" in card
 

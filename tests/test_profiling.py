@@ -331,7 +331,7 @@ def test_suggest_latency_scale_is_the_p95_of_single_runs_over_the_margin_trained
     assert suggest_latency_scale(profile, [dataclasses.replace(r, ttft_ms=r.ttft_ms * 0.8) for r in exact]) == pytest.approx(0.8)
     # several passes: the smallest pass's, as for the margin
     assert suggest_latency_scale(profile, [now, then]) == pytest.approx(suggest_latency_scale(profile, then))
-    for bad in (-0.1, float("nan"), float("inf")):
+    for bad in (-0.1, 1.0, float("nan"), float("inf"), True, "wide"):
         with pytest.raises(ValueError, match=re.escape(f"latency_margin={bad!r}")):
             suggest_latency_scale(profile, now, latency_margin=bad)
     with pytest.raises(ValueError, match="target='p99'"):

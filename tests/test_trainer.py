@@ -102,14 +102,14 @@ def test_a_reward_function_that_raises_is_named(tmp_path):
 
 def test_a_controller_with_a_latency_scale_is_refused(tmp_path):
     """Training rewards compare the profile's latency with the budgets themselves, so a scale set
-    for serving would make the policy read budgets the rewards do not use."""
-    model, tok = tiny_text_model("olmoe")
-    executor = AdaptiveModel(model, tok)
-    controller = TwoStageController.for_executor(executor, budget_range=(50.0, 150.0))
+    for serving would make the policy read budgets the rewards do not use: refused when the trainer
+    is built and when training starts."""
+    trainer, controller, executor = make_trainer(tmp_path, max_steps=1)
     controller.latency_scale = 1.2
-    args = KnobGRPOConfig(output_dir=str(tmp_path / "out"), num_generations=2, per_device_train_batch_size=2, max_steps=1)
     with pytest.raises(ValueError, match="latency_scale=1.2"):
-        KnobGRPOTrainer(controller, executor, [gated_quality_reward], args=args,
+        trainer.train()
+    with pytest.raises(ValueError, match="latency_scale=1.2"):
+        KnobGRPOTrainer(controller, executor, [gated_quality_reward], args=trainer.args,
                         train_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}), latency_profile=known_profile(executor))
 
 
@@ -179,6 +179,11 @@ def test_push_to_hub_through_the_trainer(tmp_path, monkeypatch):
     assert uploaded["__repo_id__"] == "someone/knob-controller"
     assert json.loads(uploaded["config.json"])["model_type"] == "knob_grpo_controller"
     assert "model.safetensors" in uploaded
+    # the profile the rewards used goes with it: suggest_latency_scale needs it where the controller is served
+    pushed = tmp_path / "pushed_profile.json"
+    pushed.write_bytes(uploaded["latency_profile.json"])
+    saved = LatencyProfile.load(pushed, device=trainer.latency_profile.device, executor=trainer.latency_profile.executor)
+    assert saved.to_dict() == trainer.latency_profile.to_dict()
     card = uploaded["README.md"].decode()
     assert "knob-controller" in card and "| `num_active_blocks` |" in card and "50–150 ms" in card
 
