@@ -300,16 +300,17 @@ class KnobGRPOTrainer(GRPOTrainer):
         latency = self.latency_profile.predict_for_target(features, self.args.latency_target)
         return float(latency) * (1 + self.args.latency_margin) + self.args.decision_overhead_ms
 
-    # ------------------------------------------------------------------ one generation batch
+    # ------------------------------------------------------------------ training and saving
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        _check_unscaled(self.accelerator.unwrap_model(self.model))  # also when set after the trainer was built
+        return super().train(*args, **kwargs)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
         if self.latency_profile is not None:  # where the controller is served, suggest_latency_scale needs it
             self.latency_profile.save(os.path.join(output_dir or self.args.output_dir, LATENCY_PROFILE_FILE))
 
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        _check_unscaled(self.accelerator.unwrap_model(self.model))  # also when set after the trainer was built
-        return super().train(*args, **kwargs)
-
+    # ------------------------------------------------------------------ one generation batch
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         args, executor = self.args, self.executor
         mode = "train" if self.model.training else "eval"
