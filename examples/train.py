@@ -120,21 +120,23 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
     train, profile_data, test = load_data(script, args.image_column or "image")
     args.prompt_column, args.image_column = "question", "image"
 
+    def single_runs():
+        """Passes of single timed runs on the profile split's rows after the profile's own, as the
+        evaluation times them: the latency margin before training, the latency scale after it."""
+        rows = list(profile_data)[script.profile_samples: script.profile_samples + script.margin_samples]
+        if not rows:
+            raise ValueError(f"the profile split has {len(profile_data)} rows, all used by the profile (profile_samples="
+                             f"{script.profile_samples}): the latency margin and scale need others (or "
+                             "--latency_margin_from_profile false --recalibrate_latency false)")
+        return [profile_executor(executor, rows, configs=script.profile_configs, repeats=1, seed=1) for _ in range(script.margin_passes)]
+
     # 1. a latency profile of this device: noise-free rewards, and rollouts may share work
     # (measured once, on the main process, and shared: every process must reward with the same profile)
     shared = [None, None, None, None]
     if state.is_main_process:
-        rows = list(profile_data)
-        records = profile_executor(executor, rows[: script.profile_samples], configs=script.profile_configs, repeats=2)
+        records = profile_executor(executor, list(profile_data)[: script.profile_samples], configs=script.profile_configs, repeats=2)
         profile, report = fit_profile(executor, records=records)
-        margin = None
-        if script.latency_margin_from_profile:  # single runs on other rows, as the evaluation times them
-            fresh = rows[script.profile_samples: script.profile_samples + script.margin_samples]
-            if not fresh:
-                raise ValueError(f"the profile split has {len(rows)} rows, all used by the profile (profile_samples="
-                                 f"{script.profile_samples}): the latency margin needs others (or --latency_margin_from_profile false)")
-            single = [profile_executor(executor, fresh, configs=script.profile_configs, repeats=1, seed=1) for _ in range(script.margin_passes)]
-            margin = suggest_latency_margin(profile, single, args.latency_target)
+        margin = suggest_latency_margin(profile, single_runs(), args.latency_target) if script.latency_margin_from_profile else None
         shared = [records, profile, report, margin]
     broadcast_object_list(shared)
     records, profile, report, margin = shared
@@ -179,12 +181,7 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
     budgets = script.eval_budgets or [round(args.budget_min_ms * (args.budget_max_ms / args.budget_min_ms) ** (i / 4), 1) for i in range(5)]
     if state.is_main_process:
         if script.recalibrate_latency:  # the same single runs as the margin's, timed again now
-            fresh = list(profile_data)[script.profile_samples: script.profile_samples + script.margin_samples]
-            if not fresh:
-                raise ValueError(f"the profile split has no rows after the profile's {script.profile_samples}: recalibrating "
-                                 "the latency scale needs others (or --recalibrate_latency false)")
-            now = [profile_executor(executor, fresh, configs=script.profile_configs, repeats=1, seed=1) for _ in range(script.margin_passes)]
-            controller.latency_scale = suggest_latency_scale(profile, now, args.latency_margin, args.latency_target)
+            controller.latency_scale = suggest_latency_scale(profile, single_runs(), args.latency_margin, args.latency_target)
             print(f"latency scale {controller.latency_scale:.3f}: single runs now against the profile and margin trained with")
         lookup_data = profile_data.select(range(min(script.lookup_samples, len(profile_data))))
         result = evaluate_budgets(executor, controller, test, budgets, profile_dataset=lookup_data, configs=script.sweep_configs,
