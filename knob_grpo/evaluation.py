@@ -64,6 +64,7 @@ from .knobs import Knobs
 from .latency import (
     BUDGET_TARGETS,
     Choice,
+    LatencyProfile,
     current_device_name,
     lookup_table,
     markdown_table,
@@ -75,7 +76,11 @@ from .latency import (
     write_json,
 )
 from .profiling import (
+    SweepRun,
+    _record,
     _rows,
+    check_latency_margin,
+    check_profile,
     config_job,
     controller_job,
     inputs_by_sample,
@@ -84,6 +89,7 @@ from .profiling import (
     run_timed_jobs,
     sample_image,
     sample_text,
+    suggest_latency_scale,
     torch_threads,
 )
 from .rewards import exact_match_reward
@@ -397,7 +403,10 @@ class StaticSweep:
 
     ``outcomes[c][r]`` is configuration ``configs[c]`` on row ``r``. It is keyed to the executor
     and device it was measured on; ``row_ids`` are content hashes of the rows (to check that
-    calibration and evaluation data are disjoint).
+    calibration and evaluation data are disjoint). ``timing_records``: the same timed runs as
+    profile records (:class:`~knob_grpo.profiling.SweepRecord`, configuration-major), kept by
+    :func:`static_sweep` for a sweep run now and not saved: what :func:`evaluate_budgets` sets the
+    controller's latency scale from.
     """
 
     executor: str
@@ -405,6 +414,7 @@ class StaticSweep:
     configs: list[Knobs]
     outcomes: list[list[RowOutcome]]
     row_ids: list[str] = field(default_factory=list)
+    timing_records: list[Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.configs) != len(self.outcomes):
@@ -521,6 +531,20 @@ def _static_outcomes(
     return out
 
 
+def _timing_records(adaptive: Any, rows: Sequence[Mapping[str, Any]], configs: Sequence[Knobs], timed: Mapping[Any, Any],
+                    prepared: Mapping[tuple[int, str | None], Any]) -> list[Any]:
+    """The static runs as profile records (their features and measured times), configuration-major."""
+    records = []
+    for knobs in configs:
+        for i, row in enumerate(rows):
+            inputs = prepared[(i, knobs.tier if sample_image(row) is not None else None)]
+            measurement, output = timed[("static", knobs, i)]
+            run = SweepRun(knobs, i, measurement, output, prompt_tokens=int(inputs["input_ids"].shape[-1]),
+                           vision_tokens=int(adaptive.num_vision_tokens(inputs)))
+            records.append(_record(adaptive, run, "wall"))
+    return records
+
+
 def _static_jobs(adaptive: Any, rows: Sequence[Mapping[str, Any]], configs: Sequence[Knobs],
                  prepared: Mapping[tuple[int, str | None], Any], extra: Mapping[str, Any]) -> list:
     jobs = []
@@ -566,6 +590,7 @@ def static_sweep(
         configs=chosen,
         outcomes=_static_outcomes(adaptive, rows, chosen, timed, prepared, score_fn),
         row_ids=[_row_id(r) for r in rows],
+        timing_records=_timing_records(adaptive, rows, chosen, timed, prepared),
     )
 
 
@@ -622,6 +647,8 @@ def evaluate_budgets(
     max_new_tokens: int = 8,
     latency_target: str = "ttft",
     lookup_statistic: str = "p95",
+    latency_profile: Any = None,
+    latency_margin: float = 0.0,
     output_dir: str | os.PathLike | None = None,
     include_oracle: bool = True,
     warmup: int = 1,
@@ -649,6 +676,12 @@ def evaluate_budgets(
         latency_target: what a budget limits, ``"ttft"`` or ``"end_to_end"``.
         lookup_statistic: the latency of a configuration on the calibration rows that must fit a
             budget for the lookup table: ``"p95"`` (default), ``"mean"`` or ``"max"``.
+        latency_profile / latency_margin: the :class:`~knob_grpo.latency.LatencyProfile` and the
+            margin the controller was trained with. Given a profile, the controller's
+            ``latency_scale`` is set for the evaluation (and restored after it) from the lookup
+            table's own calibration runs (:func:`~knob_grpo.profiling.suggest_latency_scale` on
+            them): both then choose from the same runs, timed at the same moment. Needs
+            ``profile_dataset`` (a sweep run now).
         output_dir: if given, ``evaluation.md``, ``evaluation.json`` and ``pareto.png`` go there.
         warmup: untimed warm-up passes before timing; num_threads: PyTorch threads during the
             sweep (restored afterwards; ``None`` leaves them). seed: the timing order's shuffle.
@@ -664,6 +697,14 @@ def evaluate_budgets(
     if check is None or not callable(getattr(controller, "decide", None)):
         raise ValueError(f"controller is a {type(controller).__name__}, not a knob controller (it needs decide and check_executor)")
     check(adaptive)
+    if latency_profile is not None:
+        check_profile(latency_profile, adaptive, strict_device=False)  # the scale absorbs another device's speed
+        check_latency_margin(latency_margin)
+        if not hasattr(controller, "latency_scale"):
+            raise ValueError(f"latency_profile sets the controller's latency_scale, which a {type(controller).__name__} lacks")
+        if profile_records is not None:
+            raise ValueError("latency_profile calibrates the controller on the lookup table's runs timed now; with profile_records "
+                             "(a sweep measured before) pass profile_dataset instead, or set controller.latency_scale yourself")
     extra = _generate_kwargs(max_new_tokens)
     rows = _materialize(dataset, "the evaluation dataset")
     score_fn = score_fn or exact_match_score
@@ -693,14 +734,20 @@ def evaluate_budgets(
         warm = _warmup_jobs(adaptive, prepared, warmup, extra)
         warm += [fn for (_, budget, i), fn in ctrl_jobs if i == 0] * (1 if warmup else 0)
         controller_was_training = getattr(controller, "training", False)
+        scale_before = scale = getattr(controller, "latency_scale", 1.0)
         if controller_was_training:
             controller.eval()
         try:
+            if latency_profile is not None:  # the same runs the lookup table was just chosen from
+                scale = controller.latency_scale = suggest_latency_scale(latency_profile, profile.timing_records,
+                                                                         latency_margin, latency_target)
             timed = run_timed_jobs(jobs + ctrl_jobs, repeats=1, warmup_jobs=warm, seed=seed, device=adaptive.device,
                                    progress=progress, desc="evaluation")
         finally:
             if controller_was_training:
                 controller.train()
+            if latency_profile is not None:
+                controller.latency_scale = scale_before
 
     # 3. Per-row outcomes of every method.
     sweep = StaticSweep(
@@ -733,8 +780,11 @@ def evaluate_budgets(
         "static configurations run on the evaluation rows": len(static),
         "max_new_tokens": max_new_tokens,
     }
-    scale = getattr(controller, "latency_scale", 1.0)
-    if scale != 1.0:
+    if latency_profile is not None:
+        metadata["controller latency scale"] = (f"{scale:.3f} (each budget divided by it before the controller reads it; from the "
+                                                f"lookup table's calibration runs, against the profile and the {latency_margin:.1%} "
+                                                "latency margin trained with)")
+    elif scale != 1.0:
         metadata["controller latency scale"] = f"{scale:.3f} (each budget divided by it before the controller reads it)"
     result = EvaluationResult(
         budgets=budgets,
@@ -803,6 +853,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--latency_scale", type=float, default=1.0,
                    help="how many times slower than in its training profile requests run on this device now "
                    "(TwoStageController.latency_scale, from suggest_latency_scale)")
+    p.add_argument("--latency_profile", default=None,
+                   help="the latency profile the controller was trained with (latency_profile.json, saved next to it): "
+                   "its latency scale is then set from the lookup table's calibration runs (needs --profile_dataset)")
+    p.add_argument("--latency_margin", type=float, default=0.0,
+                   help="with --latency_profile: the latency margin the controller was trained with (KnobGRPOConfig.latency_margin)")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_progress", action="store_true")
@@ -826,6 +881,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     adaptive = AdaptiveModel.from_pretrained("knob_grpo/embedded" if args.executor == "embedded" else args.executor)
     controller = TwoStageController.from_pretrained(args.controller).eval()
     controller.latency_scale = args.latency_scale
+    latency_profile = None
+    if args.latency_profile is not None:
+        if args.latency_scale != 1.0:
+            raise ValueError(f"--latency_scale {args.latency_scale} and --latency_profile both set the controller's latency scale; pass one")
+        latency_profile = LatencyProfile.load(args.latency_profile, strict=False)  # evaluate_budgets checks its executor
     dataset = _load_rows(args.dataset, args.split, args.limit)
     profile_dataset = None if args.profile_dataset is None else _load_rows(args.profile_dataset, args.split, args.profile_limit)
     result = evaluate_budgets(
@@ -833,7 +893,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         score_fn=_vqa_score if args.score == "vqa" else None,
         profile_records=args.profile_records, profile_dataset=profile_dataset,
         max_new_tokens=args.max_new_tokens, latency_target=args.latency_target, lookup_statistic=args.lookup_statistic,
-        output_dir=args.output_dir, include_oracle=not args.no_oracle, num_threads=args.num_threads, seed=args.seed,
+        latency_profile=latency_profile, latency_margin=args.latency_margin, output_dir=args.output_dir, include_oracle=not args.no_oracle, num_threads=args.num_threads, seed=args.seed,
         progress=not args.no_progress,
     )
     if args.save_profile_records and result.profile_sweep is not None:

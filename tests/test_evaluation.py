@@ -25,7 +25,8 @@ from knob_grpo.evaluation import (
     main,
 )
 from knob_grpo.knobs import Knobs
-from knob_grpo.latency import REPORT_COLUMNS, LatencyMeter, current_device_name, markdown_table, write_markdown_table
+from knob_grpo.latency import (DECODE_FEATURES, REPORT_COLUMNS, TTFT_FEATURES, LatencyMeter, LatencyProfile, current_device_name,
+                               markdown_table, percentile, write_markdown_table)
 from tiny import tiny_image, tiny_vlm
 
 QUESTIONS = ["what colour is the circle ?", "how many dots are there ?", "what shape is the red one ?", "is the square blue ?"]
@@ -218,6 +219,42 @@ def test_latency_token_controller_rows_record_its_own_decisions(vlm, data):
             assert outcome.knobs == knobs
 
 
+def test_latency_profile_sets_the_controller_scale_from_the_lookup_tables_own_runs(vlm, data):
+    """Given the profile and margin the controller trained with, the evaluation sets its latency scale
+    from the runs the lookup table is chosen on: with a profile that predicts 0.5 ms for everything,
+    the scale is those runs' p95 time to first token / 0.5 ms / (1 + margin). Every controller row
+    decided at budget / scale; afterwards the controller's own scale is as it was."""
+    eval_rows, profile_rows = data
+    torch.manual_seed(3)
+    controller = TwoStageController.for_executor(vlm, stage2_mode="latency_token", budget_range=(10.0, 100.0))
+    flat = LatencyProfile(device="another device", executor=vlm.name_or_path, ttft_coef={**dict.fromkeys(TTFT_FEATURES, 0.0), "intercept": 0.5},
+                          decode_coef=dict.fromkeys(DECODE_FEATURES, 0.0))
+    budgets = [10.0, 100.0]
+    result = evaluate_budgets(vlm, controller, eval_rows, budgets, profile_dataset=profile_rows, configs=[FAST, MID, SLOW],
+                              max_new_tokens=3, num_threads=THREADS, progress=False, include_oracle=False,
+                              latency_profile=flat, latency_margin=0.25)
+    sweep = result.profile_sweep
+    calibration_ttft = [o.ttft_ms for outcomes in sweep.outcomes for o in outcomes]
+    assert [r.ttft_ms for r in sweep.timing_records] == calibration_ttft  # the records are the lookup table's own runs
+    assert [r.knobs for r in sweep.timing_records] == [k for k in sweep.configs for _ in profile_rows]
+    scale = percentile(calibration_ttft, 95) / 0.5 / 1.25
+    assert f"- controller latency scale: {scale:.3f} (" in result.to_markdown() and "25.0% latency margin" in result.to_markdown()
+    assert controller.latency_scale == 1.0
+    for budget in budgets:
+        for row, outcome in zip(eval_rows, result.outcomes[("controller", budget)]):
+            _, (knobs,) = controller.decide_and_generate(vlm, row["question"], [row["image"]], budget / scale, max_new_tokens=3, do_sample=False)
+            assert outcome.knobs == knobs
+    # the scale needs runs timed now, a valid margin and a profile of this executor
+    with pytest.raises(ValueError, match="pass profile_dataset instead"):
+        evaluate_budgets(vlm, controller, eval_rows, budgets, profile_records=sweep, latency_profile=flat, progress=False)
+    with pytest.raises(ValueError, match=r"latency_margin=1\.0 must be a fraction in \[0, 1\)"):
+        evaluate_budgets(vlm, controller, eval_rows, budgets, profile_dataset=profile_rows, latency_profile=flat, latency_margin=1.0)
+    other = LatencyProfile(device=flat.device, executor="someone/other-vlm", ttft_coef=flat.ttft_coef, decode_coef=flat.decode_coef)
+    with pytest.raises(ValueError, match="someone/other-vlm"):
+        evaluate_budgets(vlm, controller, eval_rows, budgets, profile_dataset=profile_rows, latency_profile=other)
+    assert StaticSweep.from_dict(sweep.to_dict()).timing_records is None  # timings of another moment are not kept
+
+
 def test_lookup_table_through_evaluate_budgets(vlm, data):
     """Hand-built profile records: the evaluation must run the configuration the table picks."""
     eval_rows, _ = data
@@ -304,4 +341,16 @@ def test_cli(vlm, data, tmp_path):
         main(["--executor", str(tmp_path / "executor"), "--controller", str(tmp_path / "controller"), "--budgets", "15",
               "--dataset", str(tmp_path / "eval"), "--profile_dataset", str(tmp_path / "calib"), "--output_dir", str(out),
               "--latency_scale", "0"])
+    # the profile the controller trained with, from another device: the scale comes from the lookup table's runs
+    LatencyProfile(device="another device", executor=str(tmp_path / "executor"), ttft_coef={**dict.fromkeys(TTFT_FEATURES, 0.0), "intercept": 2.0},
+                   decode_coef=dict.fromkeys(DECODE_FEATURES, 0.0)).save(tmp_path / "latency_profile.json")
+    calibrated = ["--executor", str(tmp_path / "executor"), "--controller", str(tmp_path / "controller"), "--budgets", "15",
+                  "--dataset", str(tmp_path / "eval"), "--profile_dataset", str(tmp_path / "calib"), "--output_dir", str(tmp_path / "calibrated"),
+                  "--max_new_tokens", "2", "--no_progress", "--no_oracle", "--latency_profile", str(tmp_path / "latency_profile.json"),
+                  "--latency_margin", "0.1"]
+    with pytest.warns(UserWarning, match="another device"):
+        assert main(calibrated) == 0
+    assert "the 10.0% latency margin" in (tmp_path / "calibrated" / "evaluation.md").read_text()
+    with pytest.raises(ValueError, match="--latency_scale 1.5 and --latency_profile"):
+        main(calibrated + ["--latency_scale", "1.5"])
     assert StaticSweep.load(tmp_path / "calib_sweep.json").num_rows == 2
