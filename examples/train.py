@@ -7,9 +7,10 @@
 
 Steps: load the executor -> fit a latency profile on this device, and measure how far single runs
 exceed it (the latency margin) and what the controller's decision adds to a request -> train the
-controller with KnobGRPOTrainer -> time those single runs again and tell the controller how much slower
-the device runs now (its latency scale) -> evaluate it against the lookup table, the best static configuration,
-the full model and the oracle with measured latency -> write the table, the Pareto plot and the controller checkpoint.
+controller with KnobGRPOTrainer -> evaluate it against the lookup table, the best static configuration, the
+full model and the oracle with measured latency (the controller is told how much slower than in its profile the
+device runs now, its latency scale, from the runs the lookup table is chosen on) -> write the table, the Pareto
+plot and the controller checkpoint.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from trl import TrlParser  # noqa: E402
 from knob_grpo import AdaptiveModel, KnobGRPOConfig, KnobGRPOTrainer, TwoStageController  # noqa: E402
 from knob_grpo.evaluation import evaluate_budgets  # noqa: E402
 from knob_grpo.profiling import (fit_profile, measure_decision_overhead, profile_executor, suggest_budget_range,  # noqa: E402
-                                suggest_latency_margin, suggest_latency_scale)
+                                suggest_latency_margin)
 from knob_grpo.rewards import answer_probability_reward, exact_match_reward, make_budget_reward, within_budget  # noqa: E402
 
 
@@ -54,6 +55,10 @@ class ScriptArguments:
     eval_budgets: list[float] | None = field(default=None, metadata={"help": "Budgets (ms) of the sweep; default: 5, spaced geometrically over the budget range."})
     stage2_mode: str = field(default="latency_token", metadata={"help": "'latency_token' or 'prompt'."})
     budget_range_from_profile: bool = field(default=True, metadata={"help": "Set the budget range from the profiled cheapest and full latency."})
+    train_budgets_below: float = field(
+        default=1.15, metadata={"help": "Training budgets reach this many times below the smallest evaluation budget (with "
+                                "budget_range_from_profile): a controller whose latency scale is above 1 divides each budget by "
+                                "it, and must still read the smallest one as a budget it was trained on."})
     measure_decision_overhead: bool = field(
         default=True, metadata={"help": "Measure what the controller's decision adds to a request and add it to every rollout's latency."})
     overhead_samples: int = field(default=16, metadata={"help": "Rows of the profile split the decision overhead is measured on."})
@@ -66,9 +71,9 @@ class ScriptArguments:
     margin_passes: int = field(default=2, metadata={"help": "Passes over those runs; the margin is the smallest pass's, so a burst "
                                                        "of load from elsewhere during one pass does not set it."})
     recalibrate_latency: bool = field(
-        default=True, metadata={"help": "Before the evaluation, time those runs again (margin_passes passes) and set the controller's latency_scale "
-                                "(suggest_latency_scale): how much slower than in its profile the device runs now. The lookup "
-                                "table is chosen on runs timed during the evaluation; this gives the controller the same news."})
+        default=True, metadata={"help": "In the evaluation, set the controller's latency_scale (suggest_latency_scale: how much "
+                                "slower than in its profile the device runs now) from the runs the lookup table is chosen on, "
+                                "so that both choose from the same runs (evaluate_budgets' latency_profile)."})
     answer_probability: bool = field(
         default=True, metadata={"help": "Add the executor's probability of the reference answer to the reward (answer_probability_reward, "
                                 "with KnobGRPOConfig.answer_logprobs): exact match gives two configurations that both answer "
@@ -120,23 +125,20 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
     train, profile_data, test = load_data(script, args.image_column or "image")
     args.prompt_column, args.image_column = "question", "image"
 
-    def single_runs():
-        """Passes of single timed runs on the profile split's rows after the profile's own, as the
-        evaluation times them: the latency margin before training, the latency scale after it."""
-        rows = list(profile_data)[script.profile_samples: script.profile_samples + script.margin_samples]
-        if not rows:
-            raise ValueError(f"the profile split has {len(profile_data)} rows, all used by the profile (profile_samples="
-                             f"{script.profile_samples}): the latency margin and scale need others (or "
-                             "--latency_margin_from_profile false --recalibrate_latency false)")
-        return [profile_executor(executor, rows, configs=script.profile_configs, repeats=1, seed=1) for _ in range(script.margin_passes)]
-
     # 1. a latency profile of this device: noise-free rewards, and rollouts may share work
     # (measured once, on the main process, and shared: every process must reward with the same profile)
     shared = [None, None, None, None]
     if state.is_main_process:
         records = profile_executor(executor, list(profile_data)[: script.profile_samples], configs=script.profile_configs, repeats=2)
         profile, report = fit_profile(executor, records=records)
-        margin = suggest_latency_margin(profile, single_runs(), args.latency_target) if script.latency_margin_from_profile else None
+        margin = None
+        if script.latency_margin_from_profile:  # single runs on other rows, as the evaluation times them
+            rows = list(profile_data)[script.profile_samples: script.profile_samples + script.margin_samples]
+            if not rows:
+                raise ValueError(f"the profile split has {len(profile_data)} rows, all used by the profile (profile_samples="
+                                 f"{script.profile_samples}): the latency margin needs others (or --latency_margin_from_profile false)")
+            passes = [profile_executor(executor, rows, configs=script.profile_configs, repeats=1, seed=1) for _ in range(script.margin_passes)]
+            margin = suggest_latency_margin(profile, passes, args.latency_target)
         shared = [records, profile, report, margin]
     broadcast_object_list(shared)
     records, profile, report, margin = shared
@@ -159,12 +161,15 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
         overhead = [measure_decision_overhead(executor, new_controller(), overhead_rows) if state.is_main_process else None]
         broadcast_object_list(overhead)
         args.decision_overhead_ms = round(overhead[0], 2)
+    eval_range = (args.budget_min_ms, args.budget_max_ms)
     if script.budget_range_from_profile and records:
-        args.budget_min_ms, args.budget_max_ms = suggest_budget_range(records, args.latency_target, args.decision_overhead_ms,
-                                                                      latency_margin=args.latency_margin)
+        eval_range = suggest_budget_range(records, args.latency_target, args.decision_overhead_ms, latency_margin=args.latency_margin)
+        if not script.train_budgets_below >= 1:
+            raise ValueError(f"train_budgets_below={script.train_budgets_below!r} must be >= 1 (1: train on the evaluation's range)")
+        args.budget_min_ms, args.budget_max_ms = round(eval_range[0] / script.train_budgets_below, 1), eval_range[1]
     if state.is_main_process:
         print(f"decision overhead {args.decision_overhead_ms:.2f} ms; latency margin {args.latency_margin:.3f}; "
-              f"budget range {args.budget_min_ms}-{args.budget_max_ms} ms")
+              f"budget range {args.budget_min_ms}-{args.budget_max_ms} ms (evaluation {eval_range[0]}-{eval_range[1]} ms)")
 
     # 2. GRPO over knob tuples
     torch.manual_seed(args.seed)
@@ -178,15 +183,13 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
     trainer.train()
 
     # 3. the budget sweep, with measured latency, against the lookup table, the best static configuration, the full model and the oracle
-    budgets = script.eval_budgets or [round(args.budget_min_ms * (args.budget_max_ms / args.budget_min_ms) ** (i / 4), 1) for i in range(5)]
+    budgets = script.eval_budgets or [round(eval_range[0] * (eval_range[1] / eval_range[0]) ** (i / 4), 1) for i in range(5)]
     if state.is_main_process:
-        if script.recalibrate_latency:  # the same single runs as the margin's, timed again now
-            controller.latency_scale = suggest_latency_scale(profile, single_runs(), args.latency_margin, args.latency_target)
-            print(f"latency scale {controller.latency_scale:.3f}: single runs now against the profile and margin trained with")
         lookup_data = profile_data.select(range(min(script.lookup_samples, len(profile_data))))
         result = evaluate_budgets(executor, controller, test, budgets, profile_dataset=lookup_data, configs=script.sweep_configs,
                                   max_new_tokens=args.max_completion_length, latency_target=args.latency_target,
-                                  output_dir=args.output_dir)
+                                  latency_profile=profile if script.recalibrate_latency else None,
+                                  latency_margin=args.latency_margin, output_dir=args.output_dir)
         print(result.to_markdown())
         trainer.evaluation_markdown = result.to_markdown()
     state.wait_for_everyone()  # the other processes wait here: one leaving early tears down the process group
