@@ -55,10 +55,6 @@ class ScriptArguments:
     eval_budgets: list[float] | None = field(default=None, metadata={"help": "Budgets (ms) of the sweep; default: 5, spaced geometrically over the budget range."})
     stage2_mode: str = field(default="latency_token", metadata={"help": "'latency_token' or 'prompt'."})
     budget_range_from_profile: bool = field(default=True, metadata={"help": "Set the budget range from the profiled cheapest and full latency."})
-    train_budgets_below: float = field(
-        default=1.15, metadata={"help": "Training budgets reach this many times below the smallest evaluation budget (with "
-                                "budget_range_from_profile): a controller whose latency scale is above 1 divides each budget by "
-                                "it, and must still read the smallest one as a budget it was trained on."})
     measure_decision_overhead: bool = field(
         default=True, metadata={"help": "Measure what the controller's decision adds to a request and add it to every rollout's latency."})
     overhead_samples: int = field(default=16, metadata={"help": "Rows of the profile split the decision overhead is measured on."})
@@ -161,15 +157,12 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
         overhead = [measure_decision_overhead(executor, new_controller(), overhead_rows) if state.is_main_process else None]
         broadcast_object_list(overhead)
         args.decision_overhead_ms = round(overhead[0], 2)
-    eval_range = (args.budget_min_ms, args.budget_max_ms)
     if script.budget_range_from_profile and records:
-        eval_range = suggest_budget_range(records, args.latency_target, args.decision_overhead_ms, latency_margin=args.latency_margin)
-        if not script.train_budgets_below >= 1:
-            raise ValueError(f"train_budgets_below={script.train_budgets_below!r} must be >= 1 (1: train on the evaluation's range)")
-        args.budget_min_ms, args.budget_max_ms = round(eval_range[0] / script.train_budgets_below, 1), eval_range[1]
+        args.budget_min_ms, args.budget_max_ms = suggest_budget_range(records, args.latency_target, args.decision_overhead_ms,
+                                                                      latency_margin=args.latency_margin)
     if state.is_main_process:
         print(f"decision overhead {args.decision_overhead_ms:.2f} ms; latency margin {args.latency_margin:.3f}; "
-              f"budget range {args.budget_min_ms}-{args.budget_max_ms} ms (evaluation {eval_range[0]}-{eval_range[1]} ms)")
+              f"budget range {args.budget_min_ms}-{args.budget_max_ms} ms")
 
     # 2. GRPO over knob tuples
     torch.manual_seed(args.seed)
@@ -183,7 +176,7 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
     trainer.train()
 
     # 3. the budget sweep, with measured latency, against the lookup table, the best static configuration, the full model and the oracle
-    budgets = script.eval_budgets or [round(eval_range[0] * (eval_range[1] / eval_range[0]) ** (i / 4), 1) for i in range(5)]
+    budgets = script.eval_budgets or [round(args.budget_min_ms * (args.budget_max_ms / args.budget_min_ms) ** (i / 4), 1) for i in range(5)]
     if state.is_main_process:
         lookup_data = profile_data.select(range(min(script.lookup_samples, len(profile_data))))
         result = evaluate_budgets(executor, controller, test, budgets, profile_dataset=lookup_data, configs=script.sweep_configs,

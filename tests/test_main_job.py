@@ -83,10 +83,6 @@ def test_train_script_single_process(saved_executor_and_data, tmp_path):
     # the dense answer reward reached TRL's logs, as a probability
     logged = re.findall(r"'rewards/answer_probability_reward_within_budget/mean': '([0-9.e-]+)'", proc.stdout + proc.stderr)
     assert logged and all(0.0 <= float(v) <= 1.0 for v in logged)
-    # training budgets reach 1.15x below the evaluation's range, which the profile sets (SHORT fixes the evaluation's budgets)
-    lo, hi, eval_lo, eval_hi = map(float, re.search(r"budget range ([0-9.]+)-([0-9.]+) ms \(evaluation ([0-9.]+)-([0-9.]+) ms\)",
-                                                    proc.stdout).groups())
-    assert lo == pytest.approx(eval_lo / 1.15, abs=0.051) and hi == eval_hi and eval_lo < eval_hi
     # the controller was evaluated with a latency scale from the lookup table's runs, against the margin it trained with
     margin = float(re.search(r"latency margin ([0-9.]+);", proc.stdout).group(1))
     scale = re.search(r"- controller latency scale: ([0-9.]+) \(.*lookup table's calibration runs, against the profile and "
