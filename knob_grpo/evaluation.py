@@ -20,7 +20,8 @@ is **measured** on the evaluation rows, on the same clock and in the same way fo
 
 Methods:
 
-* ``controller``: the controller's greedy decision per row and budget (:meth:`TwoStageController.decide`).
+* ``controller``: the controller's greedy decision per row and budget (:meth:`TwoStageController.decide`);
+  given ``latency_profile``, at its latency scale from the lookup table's calibration runs.
 * ``lookup table``: per budget, one static configuration, chosen on *other* data (a static sweep
   of ``profile_dataset``, or given ``profile_records``): the best accuracy among configurations
   whose latency there (``lookup_statistic`` over the rows, p95 by default) fits the budget
@@ -76,6 +77,7 @@ from .latency import (
     write_json,
 )
 from .profiling import (
+    SweepRecord,
     SweepRun,
     _record,
     _rows,
@@ -84,6 +86,7 @@ from .profiling import (
     config_job,
     controller_job,
     inputs_by_sample,
+    load_profile_for,
     prepare_sample_inputs,
     resolve_configs,
     run_timed_jobs,
@@ -414,7 +417,7 @@ class StaticSweep:
     configs: list[Knobs]
     outcomes: list[list[RowOutcome]]
     row_ids: list[str] = field(default_factory=list)
-    timing_records: list[Any] | None = field(default=None, repr=False, compare=False)
+    timing_records: list[SweepRecord] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.configs) != len(self.outcomes):
@@ -532,7 +535,7 @@ def _static_outcomes(
 
 
 def _timing_records(adaptive: Any, rows: Sequence[Mapping[str, Any]], configs: Sequence[Knobs], timed: Mapping[Any, Any],
-                    prepared: Mapping[tuple[int, str | None], Any]) -> list[Any]:
+                    prepared: Mapping[tuple[int, str | None], Any]) -> list[SweepRecord]:
     """The static runs as profile records (their features and measured times), configuration-major."""
     records = []
     for knobs in configs:
@@ -647,7 +650,7 @@ def evaluate_budgets(
     max_new_tokens: int = 8,
     latency_target: str = "ttft",
     lookup_statistic: str = "p95",
-    latency_profile: Any = None,
+    latency_profile: LatencyProfile | None = None,
     latency_margin: float = 0.0,
     output_dir: str | os.PathLike | None = None,
     include_oracle: bool = True,
@@ -681,13 +684,17 @@ def evaluate_budgets(
             ``latency_scale`` is set for the evaluation (and restored after it) from the lookup
             table's own calibration runs (:func:`~knob_grpo.profiling.suggest_latency_scale` on
             them): both then choose from the same runs, timed at the same moment. Needs
-            ``profile_dataset`` (a sweep run now).
+            ``profile_dataset`` (a sweep run now). Budgets the scale moves outside the
+            controller's training range are read as its nearest end (``clamp_budget``, the default).
         output_dir: if given, ``evaluation.md``, ``evaluation.json`` and ``pareto.png`` go there.
         warmup: untimed warm-up passes before timing; num_threads: PyTorch threads during the
             sweep (restored afterwards; ``None`` leaves them). seed: the timing order's shuffle.
 
     Raises ``ValueError`` for an empty budget list, a budget that is not a finite number > 0, a
-    controller built for another executor, or profile records of another executor or device.
+    controller built for another executor, profile records of another executor or device, and with
+    ``latency_profile``: a profile of another executor, a margin outside [0, 1), a controller
+    without ``latency_scale`` or ``profile_records`` instead of ``profile_dataset``; a
+    ``latency_margin`` without a ``latency_profile`` too (it would be ignored).
     """
     budgets = _check_budget_list(budgets)
     latency_target = _check_target(latency_target)
@@ -697,14 +704,20 @@ def evaluate_budgets(
     if check is None or not callable(getattr(controller, "decide", None)):
         raise ValueError(f"controller is a {type(controller).__name__}, not a knob controller (it needs decide and check_executor)")
     check(adaptive)
+    if latency_profile is None and latency_margin != 0:
+        raise ValueError(f"latency_margin={latency_margin!r} is only used with latency_profile (the profile the controller trained with)")
     if latency_profile is not None:
+        if not isinstance(latency_profile, LatencyProfile):
+            raise ValueError(f"latency_profile is a {type(latency_profile).__name__}; give a LatencyProfile "
+                             "(LatencyProfile.load(path), e.g. the latency_profile.json saved next to the controller)")
         check_profile(latency_profile, adaptive, strict_device=False)  # the scale absorbs another device's speed
-        check_latency_margin(latency_margin)
+        latency_margin = check_latency_margin(latency_margin)
         if not hasattr(controller, "latency_scale"):
             raise ValueError(f"latency_profile sets the controller's latency_scale, which a {type(controller).__name__} lacks")
-        if profile_records is not None:
-            raise ValueError("latency_profile calibrates the controller on the lookup table's runs timed now; with profile_records "
-                             "(a sweep measured before) pass profile_dataset instead, or set controller.latency_scale yourself")
+        if profile_dataset is None:
+            before = " (profile_records is a sweep measured before)" if profile_records is not None else ""
+            raise ValueError("latency_profile calibrates the controller on the lookup table's runs timed now: pass profile_dataset= "
+                             f"(rows to sweep){before}, or set controller.latency_scale yourself")
     extra = _generate_kwargs(max_new_tokens)
     rows = _materialize(dataset, "the evaluation dataset")
     score_fn = score_fn or exact_match_score
@@ -850,14 +863,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max_new_tokens", type=int, default=8)
     p.add_argument("--score", choices=("exact_match", "vqa"), default="exact_match")
     p.add_argument("--no_oracle", action="store_true", help="skip the oracle and the best static configuration (and their sweep of every configuration)")
-    p.add_argument("--latency_scale", type=float, default=1.0,
+    p.add_argument("--latency_scale", type=float, default=None,
                    help="how many times slower than in its training profile requests run on this device now "
                    "(TwoStageController.latency_scale, from suggest_latency_scale)")
     p.add_argument("--latency_profile", default=None,
                    help="the latency profile the controller was trained with (latency_profile.json, saved next to it): "
                    "its latency scale is then set from the lookup table's calibration runs (needs --profile_dataset)")
-    p.add_argument("--latency_margin", type=float, default=0.0,
-                   help="with --latency_profile: the latency margin the controller was trained with (KnobGRPOConfig.latency_margin)")
+    p.add_argument("--latency_margin", type=float, default=None,
+                   help="with --latency_profile (required): the latency margin the controller was trained with "
+                   "(KnobGRPOConfig.latency_margin, printed by examples/train.py; for the same --latency_target)")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_progress", action="store_true")
@@ -880,12 +894,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     adaptive = AdaptiveModel.from_pretrained("knob_grpo/embedded" if args.executor == "embedded" else args.executor)
     controller = TwoStageController.from_pretrained(args.controller).eval()
-    controller.latency_scale = args.latency_scale
+    if args.latency_scale is not None:
+        controller.latency_scale = args.latency_scale
     latency_profile = None
     if args.latency_profile is not None:
-        if args.latency_scale != 1.0:
+        if args.latency_scale is not None:
             raise ValueError(f"--latency_scale {args.latency_scale} and --latency_profile both set the controller's latency scale; pass one")
-        latency_profile = LatencyProfile.load(args.latency_profile, strict=False)  # evaluate_budgets checks its executor
+        if args.latency_margin is None:
+            raise ValueError("--latency_profile needs --latency_margin: the latency margin the controller was trained with (0 if none)")
+        latency_profile = load_profile_for(adaptive, args.latency_profile, strict=False)  # another device: warns, the scale absorbs it
+    elif args.latency_margin is not None:
+        raise ValueError(f"--latency_margin {args.latency_margin} is only used with --latency_profile")
     dataset = _load_rows(args.dataset, args.split, args.limit)
     profile_dataset = None if args.profile_dataset is None else _load_rows(args.profile_dataset, args.split, args.profile_limit)
     result = evaluate_budgets(
@@ -893,8 +912,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         score_fn=_vqa_score if args.score == "vqa" else None,
         profile_records=args.profile_records, profile_dataset=profile_dataset,
         max_new_tokens=args.max_new_tokens, latency_target=args.latency_target, lookup_statistic=args.lookup_statistic,
-        latency_profile=latency_profile, latency_margin=args.latency_margin, output_dir=args.output_dir, include_oracle=not args.no_oracle, num_threads=args.num_threads, seed=args.seed,
-        progress=not args.no_progress,
+        latency_profile=latency_profile, latency_margin=args.latency_margin or 0.0, output_dir=args.output_dir,
+        include_oracle=not args.no_oracle, num_threads=args.num_threads, seed=args.seed, progress=not args.no_progress,
     )
     if args.save_profile_records and result.profile_sweep is not None:
         result.profile_sweep.save(args.save_profile_records)

@@ -219,14 +219,20 @@ def test_latency_token_controller_rows_record_its_own_decisions(vlm, data):
             assert outcome.knobs == knobs
 
 
-def test_latency_profile_sets_the_controller_scale_from_the_lookup_tables_own_runs(vlm, data):
+def test_latency_profile_sets_the_controller_scale_from_the_lookup_tables_own_runs(vlm, data, monkeypatch):
     """Given the profile and margin the controller trained with, the evaluation sets its latency scale
     from the runs the lookup table is chosen on: with a profile that predicts 0.5 ms for everything,
-    the scale is those runs' p95 time to first token / 0.5 ms / (1 + margin). Every controller row
-    decided at budget / scale; afterwards the controller's own scale is as it was."""
+    the scale is those runs' p95 time to first token / 0.5 ms / (1 + margin). Every controller
+    decision reads it; afterwards (also after a failure) the controller's own scale is as it was."""
+    import knob_grpo.evaluation as evaluation
+
     eval_rows, profile_rows = data
     torch.manual_seed(3)
     controller = TwoStageController.for_executor(vlm, stage2_mode="latency_token", budget_range=(10.0, 100.0))
+    controller.latency_scale = 1.7  # whatever the caller had set comes back
+    seen = []
+    decide_stage1 = controller.decide_stage1
+    monkeypatch.setattr(controller, "decide_stage1", lambda *a, **k: seen.append(controller.latency_scale) or decide_stage1(*a, **k))
     flat = LatencyProfile(device="another device", executor=vlm.name_or_path, ttft_coef={**dict.fromkeys(TTFT_FEATURES, 0.0), "intercept": 0.5},
                           decode_coef=dict.fromkeys(DECODE_FEATURES, 0.0))
     budgets = [10.0, 100.0]
@@ -236,19 +242,33 @@ def test_latency_profile_sets_the_controller_scale_from_the_lookup_tables_own_ru
     sweep = result.profile_sweep
     calibration_ttft = [o.ttft_ms for outcomes in sweep.outcomes for o in outcomes]
     assert [r.ttft_ms for r in sweep.timing_records] == calibration_ttft  # the records are the lookup table's own runs
-    assert [r.knobs for r in sweep.timing_records] == [k for k in sweep.configs for _ in profile_rows]
+    assert [(r.knobs, r.sample_index) for r in sweep.timing_records] == [(k, i) for k in sweep.configs for i in range(len(profile_rows))]
+    for r in sweep.timing_records:  # with the features the profile predicts from
+        inputs = vlm.prepare_inputs(profile_rows[r.sample_index]["question"], [profile_rows[r.sample_index]["image"]], tier=r.knobs.tier)
+        assert (r.vision_tokens, r.text_tokens) == (vlm.num_vision_tokens(inputs), inputs["input_ids"].shape[-1] - vlm.num_vision_tokens(inputs))
     scale = percentile(calibration_ttft, 95) / 0.5 / 1.25
     assert f"- controller latency scale: {scale:.3f} (" in result.to_markdown() and "25.0% latency margin" in result.to_markdown()
-    assert controller.latency_scale == 1.0
+    assert seen and all(s == pytest.approx(scale) for s in seen)  # every decision, warm-up and timed, read the scale
+    assert controller.latency_scale == 1.7
     for budget in budgets:
         for row, outcome in zip(eval_rows, result.outcomes[("controller", budget)]):
-            _, (knobs,) = controller.decide_and_generate(vlm, row["question"], [row["image"]], budget / scale, max_new_tokens=3, do_sample=False)
+            _, (knobs,) = controller.decide_and_generate(vlm, row["question"], [row["image"]], budget * 1.7 / scale, max_new_tokens=3, do_sample=False)
             assert outcome.knobs == knobs
-    # the scale needs runs timed now, a valid margin and a profile of this executor
-    with pytest.raises(ValueError, match="pass profile_dataset instead"):
+    # a failure during the timed runs leaves the caller's scale too
+    monkeypatch.setattr(evaluation, "run_timed_jobs", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("machine gone")))
+    with pytest.raises(RuntimeError, match="machine gone"):
+        evaluate_budgets(vlm, controller, eval_rows, budgets, profile_dataset=profile_rows, configs=[FAST], max_new_tokens=2,
+                         progress=False, include_oracle=False, latency_profile=flat)
+    assert controller.latency_scale == 1.7
+    # the scale needs runs timed now, a valid margin and a profile of this executor; a margin alone would be ignored
+    with pytest.raises(ValueError, match="pass profile_dataset="):
         evaluate_budgets(vlm, controller, eval_rows, budgets, profile_records=sweep, latency_profile=flat, progress=False)
     with pytest.raises(ValueError, match=r"latency_margin=1\.0 must be a fraction in \[0, 1\)"):
         evaluate_budgets(vlm, controller, eval_rows, budgets, profile_dataset=profile_rows, latency_profile=flat, latency_margin=1.0)
+    with pytest.raises(ValueError, match=r"latency_margin=0\.2 is only used with latency_profile"):
+        evaluate_budgets(vlm, controller, eval_rows, budgets, profile_dataset=profile_rows, latency_margin=0.2)
+    with pytest.raises(ValueError, match="latency_profile is a str; give a LatencyProfile"):
+        evaluate_budgets(vlm, controller, eval_rows, budgets, profile_dataset=profile_rows, latency_profile="latency_profile.json")
     other = LatencyProfile(device=flat.device, executor="someone/other-vlm", ttft_coef=flat.ttft_coef, decode_coef=flat.decode_coef)
     with pytest.raises(ValueError, match="someone/other-vlm"):
         evaluate_budgets(vlm, controller, eval_rows, budgets, profile_dataset=profile_rows, latency_profile=other)
@@ -353,4 +373,6 @@ def test_cli(vlm, data, tmp_path):
     assert "the 10.0% latency margin" in (tmp_path / "calibrated" / "evaluation.md").read_text()
     with pytest.raises(ValueError, match="--latency_scale 1.5 and --latency_profile"):
         main(calibrated + ["--latency_scale", "1.5"])
+    with pytest.raises(ValueError, match="--latency_profile needs --latency_margin"):
+        main(calibrated[:-2])
     assert StaticSweep.load(tmp_path / "calib_sweep.json").num_rows == 2
