@@ -799,6 +799,12 @@ def evaluate_budgets(
                                                 "latency margin trained with)")
     elif scale != 1.0:
         metadata["controller latency scale"] = f"{scale:.3f} (each budget divided by it before the controller reads it)"
+    config = getattr(controller, "config", None)
+    lo, hi = getattr(config, "budget_min_ms", None), getattr(config, "budget_max_ms", None)
+    outside = [b for b in budgets if lo is not None and hi is not None and not lo <= b / scale <= hi]
+    if outside:  # the controller reads them as the nearest end of its range (clamp_budget), worth knowing when reading its rows
+        metadata["budgets outside the controller's training range"] = (
+            ", ".join(f"{b:g} (read as {b / scale:.1f})" for b in outside) + f"; range {lo:g}-{hi:g} ms")
     result = EvaluationResult(
         budgets=budgets,
         outcomes=outcomes,

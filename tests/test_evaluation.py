@@ -217,6 +217,7 @@ def test_latency_token_controller_rows_record_its_own_decisions(vlm, data):
         for row, outcome in zip(eval_rows, result.outcomes[("controller", budget)]):
             _, (knobs,) = controller.decide_and_generate(vlm, row["question"], [row["image"]], budget, max_new_tokens=3, do_sample=False)
             assert outcome.knobs == knobs
+    assert "outside the controller's training range" not in result.to_markdown()  # both budgets are its range's ends
 
 
 def test_latency_profile_sets_the_controller_scale_from_the_lookup_tables_own_runs(vlm, data, monkeypatch):
@@ -249,6 +250,7 @@ def test_latency_profile_sets_the_controller_scale_from_the_lookup_tables_own_ru
     scale = percentile(calibration_ttft, 95) / 0.5 / 1.25
     assert f"- controller latency scale: {scale:.3f} (" in result.to_markdown() and "25.0% latency margin" in result.to_markdown()
     assert seen and all(s == pytest.approx(scale) for s in seen)  # every decision, warm-up and timed, read the scale
+    assert f"- budgets outside the controller's training range: 10 (read as {10 / scale:.1f})" in result.to_markdown()
     assert controller.latency_scale == 1.7
     for budget in budgets:
         for row, outcome in zip(eval_rows, result.outcomes[("controller", budget)]):
