@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from trl import GRPOConfig
 
+from .latency import _check_latency_margin
+
 
 @dataclass
 class KnobGRPOConfig(GRPOConfig):
@@ -137,7 +139,6 @@ class KnobGRPOConfig(GRPOConfig):
             raise ValueError(f"latency_target={self.latency_target!r}; allowed: 'ttft', 'end_to_end'")
         if not (math.isfinite(self.decision_overhead_ms) and self.decision_overhead_ms >= 0):
             raise ValueError(f"decision_overhead_ms={self.decision_overhead_ms!r} must be a finite number of ms >= 0")
-        if not (math.isfinite(self.latency_margin) and 0 <= self.latency_margin < 1):
-            raise ValueError(f"latency_margin={self.latency_margin!r} must be a fraction in [0, 1)")
+        self.latency_margin = _check_latency_margin(self.latency_margin)
         if self.rollout_mode not in ("auto", "naive", "fused"):
             raise ValueError(f"rollout_mode={self.rollout_mode!r}; allowed: 'auto', 'naive', 'fused'")

@@ -66,6 +66,7 @@ from .latency import (
     BUDGET_TARGETS,
     Choice,
     LatencyProfile,
+    _check_latency_margin,
     current_device_name,
     lookup_table,
     markdown_table,
@@ -81,7 +82,6 @@ from .profiling import (
     SweepRun,
     _record,
     _rows,
-    check_latency_margin,
     check_profile,
     config_job,
     controller_job,
@@ -711,7 +711,7 @@ def evaluate_budgets(
             raise ValueError(f"latency_profile is a {type(latency_profile).__name__}; give a LatencyProfile "
                              "(LatencyProfile.load(path), e.g. the latency_profile.json saved next to the controller)")
         check_profile(latency_profile, adaptive, strict_device=False)  # the scale absorbs another device's speed
-        latency_margin = check_latency_margin(latency_margin)
+        latency_margin = _check_latency_margin(latency_margin)
         if not hasattr(controller, "latency_scale"):
             raise ValueError(f"latency_profile sets the controller's latency_scale, which a {type(controller).__name__} lacks")
         if profile_dataset is None:

@@ -74,6 +74,18 @@ def _check_budget(budget: Any, name: str = "budget_ms") -> float:
     return value
 
 
+def _check_latency_margin(margin: Any) -> float:
+    """A latency margin (``KnobGRPOConfig.latency_margin``) as a float, or ``ValueError`` naming it
+    unless it is a fraction in [0, 1)."""
+    try:
+        value = float(margin)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(margin, bool) or not (math.isfinite(value) and 0 <= value < 1):
+        raise ValueError(f"latency_margin={margin!r} must be a fraction in [0, 1) (KnobGRPOConfig.latency_margin)")
+    return value
+
+
 def _check_budgets(budgets: Iterable[Any]) -> list[float]:
     budgets = list(budgets)
     if not budgets:

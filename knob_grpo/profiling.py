@@ -47,6 +47,7 @@ from .latency import (
     LatencyMeter,
     LatencyProfile,
     ProfileRecord,
+    _check_latency_margin,
     current_device_name,
 )
 
@@ -726,20 +727,9 @@ def suggest_latency_scale(profile: LatencyProfile, records: Sequence[SweepRecord
     profile the controller was trained on (three main-job runs), and those controllers were late
     at the smallest budget in up to 21% of requests.
     """
-    margin = check_latency_margin(latency_margin)
+    margin = _check_latency_margin(latency_margin)
     excess = min(_pass_excess(profile, records, target, q, "suggest_latency_scale"))
     return (1 + excess / 100) / (1 + margin)
-
-
-def check_latency_margin(latency_margin: Any) -> float:
-    """``latency_margin`` as a float, or ``ValueError`` naming it unless it is a fraction in [0, 1)."""
-    try:
-        margin = float(latency_margin)
-    except (TypeError, ValueError):
-        margin = math.nan
-    if isinstance(latency_margin, bool) or not (math.isfinite(margin) and 0 <= margin < 1):
-        raise ValueError(f"latency_margin={latency_margin!r} must be a fraction in [0, 1) (KnobGRPOConfig.latency_margin)")
-    return margin
 
 
 def _pass_excess(profile: LatencyProfile, records: Any, target: str, q: float, caller: str) -> list[float]:
