@@ -15,6 +15,7 @@ plot and the controller checkpoint.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -52,9 +53,16 @@ class ScriptArguments:
     slack_bonus: float = field(default=0.0, metadata={"help": "Reward for budget left unused (make_budget_reward). With TRL's "
                                                       "per-group scaling, groups that tie in accuracy turn it into full-size "
                                                       "advantages: on the embedded default 0.1 sent every request to the low tier."})
-    eval_budgets: list[float] | None = field(default=None, metadata={"help": "Budgets (ms) of the sweep; default: 5, spaced geometrically over the budget range."})
+    eval_budgets: list[float] | None = field(default=None, metadata={"help": "Budgets (ms) of the sweep; default: 5, spaced geometrically over the budget range (without train_budget_headroom)."})
     stage2_mode: str = field(default="latency_token", metadata={"help": "'latency_token' or 'prompt'."})
     budget_range_from_profile: bool = field(default=True, metadata={"help": "Set the budget range from the profiled cheapest and full latency."})
+    train_budget_headroom: float = field(
+        default=1.5, metadata={"help": "With budget_range_from_profile: the controller trains on budgets up to this many times the "
+                               "largest budget evaluated, so that the evaluation's largest budget lies inside the trained range, not "
+                               "at its edge. Stage 1 learns that a slower tier pays for a question only where the tier fits with "
+                               "whatever stage 2 draws; on the embedded default, with the training range ending at the evaluation's "
+                               "largest budget, that band was 5% of the draws, and stripes and compare questions stayed on the medium "
+                               "tier there in every run."})
     measure_decision_overhead: bool = field(
         default=True, metadata={"help": "Measure what the controller's decision adds to a request and add it to every rollout's latency."})
     overhead_samples: int = field(default=16, metadata={"help": "Rows of the profile split the decision overhead is measured on."})
@@ -108,6 +116,9 @@ def load_data(script: ScriptArguments, image_column: str):
 
 
 def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
+    if not (math.isfinite(script.train_budget_headroom) and script.train_budget_headroom >= 1):
+        raise ValueError(f"train_budget_headroom={script.train_budget_headroom!r} must be a finite number >= 1 "
+                         "(the training range must contain the evaluated one)")
     state = PartialState()
     if script.random_executor:
         from knob_grpo.embedded import TIER_PIXELS, build_model, build_processor, knob_space
@@ -159,12 +170,13 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
         overhead = [measure_decision_overhead(executor, new_controller(), overhead_rows) if state.is_main_process else None]
         broadcast_object_list(overhead)
         args.decision_overhead_ms = round(overhead[0], 2)
+    eval_range = (args.budget_min_ms, args.budget_max_ms)
     if script.budget_range_from_profile and records:
-        args.budget_min_ms, args.budget_max_ms = suggest_budget_range(records, args.latency_target, args.decision_overhead_ms,
-                                                                      latency_margin=args.latency_margin)
+        eval_range = suggest_budget_range(records, args.latency_target, args.decision_overhead_ms, latency_margin=args.latency_margin)
+        args.budget_min_ms, args.budget_max_ms = eval_range[0], round(eval_range[1] * script.train_budget_headroom, 1)
     if state.is_main_process:
         print(f"decision overhead {args.decision_overhead_ms:.2f} ms; latency margin {args.latency_margin:.3f}; "
-              f"budget range {args.budget_min_ms}-{args.budget_max_ms} ms")
+              f"budget range {eval_range[0]}-{eval_range[1]} ms (training to {args.budget_max_ms} ms)")
 
     # 2. GRPO over knob tuples
     torch.manual_seed(args.seed)
@@ -178,7 +190,8 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
     trainer.train()
 
     # 3. the budget sweep, with measured latency, against the lookup table, the best static configuration, the full model and the oracle
-    budgets = script.eval_budgets or [round(args.budget_min_ms * (args.budget_max_ms / args.budget_min_ms) ** (i / 4), 1) for i in range(5)]
+    lo, hi = eval_range
+    budgets = script.eval_budgets or [round(lo * (hi / lo) ** (i / 4), 1) for i in range(5)]
     if state.is_main_process:
         lookup_data = profile_data.select(range(min(script.lookup_samples, len(profile_data))))
         calibration = dict(latency_profile=profile, latency_margin=args.latency_margin) if script.latency_scale_from_lookup_runs else {}

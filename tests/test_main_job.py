@@ -72,6 +72,10 @@ def test_train_script_defaults_and_overrides(tmp_path, monkeypatch):
     (tmp_path / "run.yaml").write_text("scale_rewards: batch\n")
     _, args = train_script.parse_args(["--output_dir", str(tmp_path), "--config", str(tmp_path / "run.yaml")])
     assert args.scale_rewards == "batch"
+    # a training range that would not contain the evaluated one is refused before anything loads
+    script, args = train_script.parse_args(["--output_dir", str(tmp_path), "--train_budget_headroom", "0.9"])
+    with pytest.raises(ValueError, match=r"train_budget_headroom=0\.9 must be a finite number >= 1"):
+        train_script.main(script, args)
 
 
 @pytest.mark.slow
@@ -89,6 +93,13 @@ def test_train_script_single_process(saved_executor_and_data, tmp_path):
                       r"the ([0-9.]+)% latency margin", (tmp_path / "out" / "evaluation.md").read_text())
     assert scale, "evaluation.md reports no latency scale from the lookup table's runs"
     assert float(scale.group(1)) == pytest.approx(100 * margin, abs=0.05)
+    # the controller trained on budgets reaching 1.5 times the top of the range the evaluation's default budgets span
+    lo, hi, train_hi = map(float, re.search(r"budget range ([0-9.]+)-([0-9.]+) ms \(training to ([0-9.]+) ms\)", proc.stdout).groups())
+    assert train_hi == pytest.approx(round(1.5 * hi, 1)) and lo < hi
+    from transformers import AutoModel
+
+    config = AutoModel.from_pretrained(str(tmp_path / "out")).config
+    assert (config.budget_min_ms, config.budget_max_ms) == (lo, train_hi)
 
 
 @pytest.mark.slow
