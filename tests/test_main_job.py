@@ -38,7 +38,7 @@ def run(cmd, env_extra=None):
     return proc
 
 
-def check_outputs(out):
+def check_outputs(out, budgets=(20.0, 60.0)):
     from transformers import AutoModel
 
     import knob_grpo  # noqa: F401  (registers the controller with AutoModel)
@@ -47,7 +47,8 @@ def check_outputs(out):
     assert type(controller).__name__ == "TwoStageController"
     rows = json.loads((out / "evaluation.json").read_text())
     rows = rows["rows"] if isinstance(rows, dict) else rows
-    assert {(r["method"], r["budget_ms"]) for r in rows} >= {("controller", 20.0), ("lookup table", 60.0), ("oracle", 20.0)}
+    assert sorted({r["budget_ms"] for r in rows}) == pytest.approx(sorted(budgets))
+    assert {(r["method"], r["budget_ms"]) for r in rows} >= {("controller", budgets[0]), ("lookup table", budgets[-1]), ("oracle", budgets[0])}
     assert (out / "pareto.png").stat().st_size > 1000
     # the profile the rewards used is saved next to the controller (suggest_latency_scale needs it where it is served)
     from knob_grpo import LatencyProfile
@@ -107,8 +108,12 @@ def test_train_script_two_processes(saved_executor_and_data, tmp_path):
     root = saved_executor_and_data
     # accelerate 1.15 starts one process for `--cpu --num_processes 2`; `--multi_gpu` starts two, which
     # KnobGRPOConfig (use_cpu defaults to True without a GPU) joins into a gloo group.
-    run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "examples/train.py", "--model_name_or_path", str(root / "model"),
-         "--dataset_name", str(root / "data"), "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "4", *SHORT])
-    check_outputs(tmp_path / "out")
+    short = SHORT[: SHORT.index("--eval_budgets")]  # the default budgets: 5, spaced over the profiled range
+    proc = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "examples/train.py", "--model_name_or_path", str(root / "model"),
+                "--dataset_name", str(root / "data"), "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "4", *short])
+    # they span the profiled range, which ends inside the trained one (train_budget_headroom)
+    lo, hi, train_hi = map(float, re.search(r"budget range ([0-9.]+)-([0-9.]+) ms \(training to ([0-9.]+) ms\)", proc.stdout).groups())
+    assert hi < train_hi
+    check_outputs(tmp_path / "out", budgets=[round(lo * (hi / lo) ** (i / 4), 1) for i in range(5)])
     assert not any(p.name.startswith("checkpoint") for p in (tmp_path / "out").iterdir())
