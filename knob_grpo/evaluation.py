@@ -80,6 +80,7 @@ from .latency import (
 from .profiling import (
     SweepRecord,
     SweepRun,
+    _input_key,
     _record,
     _rows,
     check_profile,
@@ -525,10 +526,10 @@ def _static_outcomes(
     for knobs in configs:
         per_row = []
         for i, row in enumerate(rows):
-            tier = knobs.tier if sample_image(row) is not None else None
+            key = _input_key(i, knobs, prepared)
             measurement, output = timed[("static", knobs, i)]
-            completion = _completion(adaptive, output, prepared[(i, tier)]["input_ids"].shape[-1])
-            ran = knobs if tier == knobs.tier else dataclasses.replace(knobs, tier=None)  # a text-only row has no tier
+            completion = _completion(adaptive, output, prepared[key]["input_ids"].shape[-1])
+            ran = knobs if key[1] == knobs.tier else dataclasses.replace(knobs, tier=None)  # a text-only row has no tier
             per_row.append(RowOutcome(_score(score_fn, completion, row), measurement.ttft_ms, measurement.total_ms, ran, completion))
         out.append(per_row)
     return out
@@ -539,8 +540,8 @@ def _timing_records(adaptive: Any, rows: Sequence[Mapping[str, Any]], configs: S
     """The static runs as profile records (their features and measured times), configuration-major."""
     records = []
     for knobs in configs:
-        for i, row in enumerate(rows):
-            inputs = prepared[(i, knobs.tier if sample_image(row) is not None else None)]
+        for i in range(len(rows)):
+            inputs = prepared[_input_key(i, knobs, prepared)]
             measurement, output = timed[("static", knobs, i)]
             run = SweepRun(knobs, i, measurement, output, prompt_tokens=int(inputs["input_ids"].shape[-1]),
                            vision_tokens=int(adaptive.num_vision_tokens(inputs)))
@@ -552,9 +553,8 @@ def _static_jobs(adaptive: Any, rows: Sequence[Mapping[str, Any]], configs: Sequ
                  prepared: Mapping[tuple[int, str | None], Any], extra: Mapping[str, Any]) -> list:
     jobs = []
     for knobs in configs:
-        for i, row in enumerate(rows):
-            tier = knobs.tier if sample_image(row) is not None else None
-            jobs.append((("static", knobs, i), config_job(adaptive, knobs, prepared[(i, tier)], **extra)))
+        for i in range(len(rows)):
+            jobs.append((("static", knobs, i), config_job(adaptive, knobs, prepared[_input_key(i, knobs, prepared)], **extra)))
     return jobs
 
 
