@@ -123,6 +123,15 @@ class KnobGRPOConfig(GRPOConfig):
                   "from, so a one-token answer gets its exact log-probability. A dense signal where exact match is 0/1: "
                   "knob_grpo.rewards.answer_probability_reward turns it into a reward. Rows without an answer get None."},
     )
+    stage1_credit: str = field(
+        default="sampled",
+        metadata={"help": "What stage 1's decisions (tier, p) are credited with. 'sampled': the advantage of the whole "
+                  "sampled tuple, as every decision of a GRPO completion is. 'greedy_stage2': the reward the row's (tier, "
+                  "p) earns when stage 2 then decides greedily (as at inference), against its group's mean; stage 2's "
+                  "decisions get their own reward against that one. Costs one more execution per row whose greedy "
+                  "stage-2 tuple was not drawn. Stage 1 then stops paying for stage 2's exploration: a tier that fits "
+                  "only with the right stage-2 choice is not punished for the draws that miss it."},
+    )
     executor_generation_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={"help": "Extra keyword arguments of the executor's generate (greedy by default)."},
@@ -140,5 +149,7 @@ class KnobGRPOConfig(GRPOConfig):
         if not (math.isfinite(self.decision_overhead_ms) and self.decision_overhead_ms >= 0):
             raise ValueError(f"decision_overhead_ms={self.decision_overhead_ms!r} must be a finite number of ms >= 0")
         self.latency_margin = _check_latency_margin(self.latency_margin)
+        if self.stage1_credit not in ("sampled", "greedy_stage2"):
+            raise ValueError(f"stage1_credit={self.stage1_credit!r}; allowed: 'sampled', 'greedy_stage2'")
         if self.rollout_mode not in ("auto", "naive", "fused"):
             raise ValueError(f"rollout_mode={self.rollout_mode!r}; allowed: 'auto', 'naive', 'fused'")

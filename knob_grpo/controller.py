@@ -796,6 +796,23 @@ class TwoStageController(PreTrainedModel):
         self._choose(self.stage1(language, self.budget_code(budgets, language.shape[0])), ("tier", "insertion_position"), True, None, idx, {})
         return list(zip(*self._stage1_values(idx)))
 
+    @torch.no_grad()
+    def decide_stage2(self, language: torch.Tensor, budgets: Any, stage1: Sequence[Knobs], *,
+                      latency_tokens: torch.Tensor | None = None) -> list[Knobs]:
+        """Greedy stage 2 after given stage-1 choices: for each of ``N`` rows, ``stage1[i]``'s tier
+        and ``p`` with the ``top_k`` and ``num_active_blocks`` stage 2 would pick for them (argmax),
+        reading ``latency_tokens[i]`` ``(N, latency_token_dim)`` in latency-token mode."""
+        language = self._language(language)
+        n = language.shape[0]
+        if len(stage1) != n:
+            raise ValueError(f"got {len(stage1)} stage-1 choices for {n} rows")
+        code = self.budget_code(budgets, n)
+        positions = [k.insertion_position for k in stage1]
+        idx: dict[str, torch.Tensor] = {}
+        self._choose(self.stage2(self._stage2_context(language, latency_tokens, n), code, self._p_index(positions)),
+                     ("top_k", "num_active_blocks"), True, None, idx, {})
+        return self._to_knobs(idx, [k.tier for k in stage1], positions)
+
     def stage2_decider(self, language: torch.Tensor, budget: float, tier: str | None, insertion_position: int) -> Callable[[torch.Tensor], tuple[int | None, int]]:
         """Greedy stage 2 for one request whose stage 1 chose ``(tier, insertion_position)``, as the
         ``decide`` function of :meth:`AdaptiveModel.generate_with_decision`: latency token

@@ -10,7 +10,10 @@ With a latency profile, rollouts in latency-token mode are fused: one partial fo
 and tier serves every row's latency token, and the tuples drawn for that request and tier continue
 from it in one batched generate, each row with its own knobs (``AdaptiveModel.generate_rows``).
 The loss (:meth:`KnobGRPOTrainer._compute_loss`) is a PPO-style clipped policy gradient over
-the per-decision log-probabilities. Everything else (the repeat sampler that puts each prompt's
+the per-decision log-probabilities. By default every decision of a tuple gets the tuple's advantage,
+as every token of a GRPO completion does; with ``stage1_credit="greedy_stage2"`` each row also runs
+the tuple stage 2 would pick greedily after its (tier, p), stage 1 is credited with that tuple's
+reward against its group's mean and stage 2 with its own draw's reward against that tuple's. Everything else (the repeat sampler that puts each prompt's
 G rows together, buffering for ``num_iterations > 1``, logging, checkpoints, ``push_to_hub``)
 is TRL's and transformers' own.
 """
@@ -347,52 +350,62 @@ class KnobGRPOTrainer(GRPOTrainer):
 
         use_tokens = controller.stage2_mode == "latency_token"
         sample = controller.sample(language, budgets, latency_token_fn=latency_token_fn if use_tokens else None)
+        # stage1_credit="greedy_stage2": also run what stage 2 would pick greedily after each row's (tier, p)
+        greedy = (controller.decide_stage2(language, budgets, sample.knobs, latency_tokens=sample.latency_tokens)
+                  if args.stage1_credit == "greedy_stage2" else [])
 
         # knobs -> execution -> latency
-        # With a profile and greedy decoding, rows of one request that drew the same tuple give the
-        # same tokens and the same latency: run each distinct (request, tuple) once. (Measured
-        # latency times every row alone, and sampling gives each row its own draw.)
-        # Fused and greedy, the distinct tuples continued from one prefix run as one batch.
+        # One job per row (its sampled tuple), then one per row for its greedy stage-2 tuple if asked.
+        # With a profile and greedy decoding, jobs of one request with the same tuple give the same
+        # tokens and the same latency: run each distinct (request, tuple) once. (Measured latency
+        # times every job alone, and sampling gives each its own draw.) Fused and greedy, the
+        # distinct tuples continued from one prefix run as one batch.
+        jobs = list(enumerate(sample.knobs)) + list(enumerate(greedy))  # (row, tuple)
         reuse = self.latency_profile is not None and not self.executor_generation_kwargs.get("do_sample", False)
         answers = [repr(row.get("answer")) if args.answer_logprobs else None for row in inputs]  # scored rows differ by answer too
-        keys = [(prompts[i], _image_key(images[i]), knobs, answers[i]) if reuse else i for i, knobs in enumerate(sample.knobs)]
-        first_row: dict[Any, int] = {}
-        for i, key in enumerate(keys):
-            first_row.setdefault(key, i)
+        keys = [(prompts[i], _image_key(images[i]), knobs, answers[i]) if reuse else j for j, (i, knobs) in enumerate(jobs)]
+        first_job: dict[Any, int] = {}
+        for j, key in enumerate(keys):
+            first_job.setdefault(key, j)
         # tokenised once per executed (request, tuple), not per row
-        references = {i: self._reference_ids(inputs[i].get("answer")) if args.answer_logprobs else None for i in first_row.values()}
+        references = {j: self._reference_ids(inputs[jobs[j][0]].get("answer")) if args.answer_logprobs else None for j in first_job.values()}
         done: dict[Any, tuple[list[int], float, float | None]] = {}
         calls = 0
         if reuse and self.fused_rollouts and args.batch_rollouts:
             by_prefix: dict[int, list[Any]] = {}
-            for key, i in first_row.items():
-                by_prefix.setdefault(id(prefixes[i]), []).append(key)
+            for key, j in first_job.items():
+                by_prefix.setdefault(id(prefixes[jobs[j][0]]), []).append(key)
             for batch in by_prefix.values():
-                prefix = prefixes[first_row[batch[0]]]
-                rows = [first_row[key] for key in batch]
-                done.update(zip(batch, self._execute_rows(prefix, [sample.knobs[i] for i in rows], [references[i] for i in rows])))
+                prefix = prefixes[jobs[first_job[batch[0]]][0]]
+                batch_jobs = [first_job[key] for key in batch]
+                done.update(zip(batch, self._execute_rows(prefix, [jobs[j][1] for j in batch_jobs], [references[j] for j in batch_jobs])))
                 calls += 1
-        for key, i in first_row.items():
+        for key, j in first_job.items():
             if key not in done:
-                done[key] = self._execute(prompts[i], images[i], sample.knobs[i], prefixes.get(i), references[i])
+                i, knobs = jobs[j]
+                done[key] = self._execute(prompts[i], images[i], knobs, prefixes.get(i), references[j])
                 calls += 1
-        completion_ids = [list(done[key][0]) for key in keys]
-        latencies = [done[key][1] for key in keys]
-        answer_logprobs = [done[key][2] for key in keys]
         self._metrics[mode]["executions_per_row"].append(len(done) / len(sample.knobs))
         self._metrics[mode]["generate_calls_per_row"].append(calls / len(sample.knobs))
-        completions = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
-        completions = [c.strip() for c in completions]
 
         # execution -> reward (TRL's machinery; reward functions see the knobs and the latency)
-        for row, knobs, latency, budget, logprob in zip(inputs, sample.knobs, latencies, budgets, answer_logprobs):
-            row.update(knobs=knobs.as_dict(), latency_ms=latency, budget_ms=budget)
-            if args.answer_logprobs:
-                row["answer_logprob"] = logprob
-        rewards_per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids)  # gathered
+        def score(rows: list[dict[str, Any]], job_keys: list[Any], tuples: list[Knobs]) -> tuple[list[str], torch.Tensor]:
+            completion_ids = [list(done[key][0]) for key in job_keys]
+            completions = [c.strip() for c in self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)]
+            for row, key, knobs, budget in zip(rows, job_keys, tuples, budgets):
+                _, latency, logprob = done[key]
+                row.update(knobs=knobs.as_dict(), latency_ms=latency, budget_ms=budget)
+                if args.answer_logprobs:
+                    row["answer_logprob"] = logprob
+            return completions, self._calculate_rewards(rows, prompts, completions, completion_ids)  # gathered
 
-        # reward -> group-relative advantage
-        advantages, rewards = self._advantages(rewards_per_func, mode)
+        n = len(inputs)
+        completions, rewards_per_func = score(inputs, keys[:n], sample.knobs)
+        greedy_rewards_per_func = score([dict(row) for row in inputs], keys[n:], greedy)[1] if greedy else None
+        latencies = [done[key][1] for key in keys[:n]]
+
+        # reward -> group-relative advantage (per decision with stage1_credit="greedy_stage2")
+        advantages, rewards = self._advantages(rewards_per_func, mode, greedy_rewards_per_func)
         process_slice = slice(self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts))
 
         self._log_generation(mode, prompts, completions, rewards_per_func, rewards, advantages, sample.knobs, latencies, budgets)
@@ -410,22 +423,43 @@ class KnobGRPOTrainer(GRPOTrainer):
             output["latency_tokens"] = sample.latency_tokens.to(device)
         return output
 
-    def _advantages(self, rewards_per_func: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weighted sum of the reward functions, centred on the group mean and scaled per ``scale_rewards``."""
+    def _advantages(self, rewards_per_func: torch.Tensor, mode: str,
+                    greedy_rewards_per_func: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted sum of the reward functions, centred on the group mean and scaled per ``scale_rewards``.
+
+        Returns ``(advantages, rewards)``; ``advantages`` is ``(N,)``, one per tuple, or, given the
+        rewards of the greedy stage-2 tuples (``stage1_credit="greedy_stage2"``), ``(N, 4)`` per
+        decision: stage 1's two get the greedy tuple's reward against its group's mean, stage 2's
+        the sampled tuple's reward against the greedy one's. Both are divided by the same spread.
+        """
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        unscorable = torch.isnan(rewards_per_func).all(dim=1)
-        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
-        rewards[unscorable] = torch.nan  # a row every function declined: out of the baseline, advantage 0
-        grouped = rewards.view(-1, num_generations)
-        mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
-        advantages = rewards - mean
+
+        def weighted(per_func: torch.Tensor) -> torch.Tensor:
+            total = (per_func * self.reward_weights.to(per_func.device).unsqueeze(0)).nansum(dim=1)
+            total[torch.isnan(per_func).all(dim=1)] = torch.nan  # a row every function declined: out of the baseline, advantage 0
+            return total
+
+        def centred(values: torch.Tensor) -> torch.Tensor:
+            return values - torch.nanmean(values.view(-1, num_generations), dim=1).repeat_interleave(num_generations)
+
+        rewards = weighted(rewards_per_func)
+        if greedy_rewards_per_func is None:
+            advantages = centred(rewards)
+        else:
+            stage1_value = weighted(greedy_rewards_per_func)
+            stage1, stage2 = centred(stage1_value), rewards - stage1_value
+            advantages = torch.stack([stage1, stage1, stage2, stage2], dim=1)
         if self.scale_rewards == "group":
-            std = nanstd(grouped, dim=1).repeat_interleave(num_generations) if num_generations > 1 else torch.zeros_like(rewards)
-            advantages = advantages / (std + 1e-4)
+            grouped = rewards.view(-1, num_generations)
+            spread = nanstd(grouped, dim=1).repeat_interleave(num_generations) if num_generations > 1 else torch.zeros_like(rewards)
         elif self.scale_rewards == "batch":
-            advantages = advantages / (nanstd(rewards) + 1e-4)
-        elif self.scale_rewards != "none":
+            spread = nanstd(rewards).expand_as(rewards)
+        elif self.scale_rewards == "none":
+            spread = None
+        else:
             raise ValueError(f"scale_rewards={self.scale_rewards!r}; allowed: 'group', 'batch', 'none'")
+        if spread is not None:
+            advantages = advantages / (spread + 1e-4).view(-1, *([1] * (advantages.dim() - 1)))
         return torch.nan_to_num(advantages, nan=0.0), rewards
 
     def _log_generation(self, mode: str, prompts: list[str], completions: list[str], rewards_per_func: torch.Tensor,
@@ -455,7 +489,7 @@ class KnobGRPOTrainer(GRPOTrainer):
         self._logs["completion"].extend(gather_object(completions))
         for i, name in enumerate(self.reward_func_names):
             self._logs["rewards"][name].extend(rewards_per_func[:, i].tolist())
-        self._logs["advantages"].extend(advantages.tolist())
+        self._logs["advantages"].extend((advantages if advantages.dim() == 1 else advantages[:, -1]).tolist())
         self._logs["extra"]["knobs"].extend(str(Knobs(**k)) for k in all_knobs)
         self._logs["extra"]["latency_ms"].extend(lat.tolist())
         self._logs["extra"]["budget_ms"].extend(bud.tolist())
@@ -487,7 +521,8 @@ class KnobGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         logp, entropy, present = self._decision_log_probs(model, inputs)
         old = inputs["old_log_probs"]
-        advantages = inputs["advantages"].unsqueeze(1)
+        advantages = inputs["advantages"]
+        advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # per tuple, or per decision
         # PPO-style clipping per decision: each knob is one "token" of the completion
         ratio = torch.exp(logp - old)
         clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)

@@ -62,9 +62,10 @@ def greedy(controller, executor, budgets):
     return controller.decide(language, budgets, latency_token_fn=fn)
 
 
-@pytest.mark.parametrize("stage2_mode", ["prompt", "latency_token"])
-def test_learns_the_known_best_knobs_per_budget(tmp_path, stage2_mode):
-    trainer, controller, executor = make_trainer(tmp_path, stage2_mode, max_steps=24)
+@pytest.mark.parametrize("stage2_mode,stage1_credit", [("prompt", "sampled"), ("latency_token", "sampled"),
+                                                        ("prompt", "greedy_stage2"), ("latency_token", "greedy_stage2")])
+def test_learns_the_known_best_knobs_per_budget(tmp_path, stage2_mode, stage1_credit):
+    trainer, controller, executor = make_trainer(tmp_path, stage2_mode, max_steps=24, stage1_credit=stage1_credit)
     assert trainer.fused_rollouts == (stage2_mode == "latency_token")
     trainer.train()
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
@@ -89,6 +90,51 @@ def test_group_advantages_and_rows_a_reward_declines(tmp_path):
     assert torch.allclose(out["advantages"][:8], top_k - top_k.mean())  # centred on its own group
     assert torch.equal(out["advantages"][8:], torch.zeros(8))  # declined rows are left out
     assert all(r["latency_ms"] > 0 and r["budget_ms"] in (LOW, HIGH) for r in rows)
+
+
+@pytest.mark.parametrize("stage2_mode", ["prompt", "latency_token"])
+def test_greedy_stage2_credit_gives_each_stage_its_own_advantage(tmp_path, stage2_mode):
+    """stage1_credit="greedy_stage2": stage 1's decisions get the reward of the row's (tier, p) with
+    stage 2's argmax against the group's mean, stage 2's the sampled tuple's reward against that."""
+    def compute_reward(knobs, latency_ms, **kwargs):
+        return [k["top_k"] + 0.5 * k["num_active_blocks"] + 0.25 * k["insertion_position"] for k in knobs]
+
+    trainer, controller, executor = make_trainer(tmp_path, stage2_mode, reward_funcs=[compute_reward], scale_rewards="none",
+                                                 stage1_credit="greedy_stage2")
+    generated = []
+    generate = executor.generate
+    executor.generate = lambda *a, **k: generated.append(1) or generate(*a, **k)
+    generate_rows = executor.generate_rows
+    executor.generate_rows = lambda *a, **k: generated.extend([1] * len(a[1])) or generate_rows(*a, **k)
+    trainer.model.train()
+    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions(rows)
+    assert out["advantages"].shape == (16, 4)
+
+    # stage 2's argmax after each row's own (tier, p), from the controller's logits
+    positions = [r["knobs"]["insertion_position"] for r in rows]
+    with torch.no_grad():
+        logits = controller(out["language"], out["budgets"], insertion_positions=positions, latency_tokens=out.get("latency_tokens"))
+    space = executor.knob_space
+    greedy = [dict(r["knobs"], top_k=space.top_k_options[int(k)], num_active_blocks=space.all_block_options[int(b)])
+              for r, k, b in zip(rows, logits.top_k_logits.argmax(-1), logits.num_active_blocks_logits.argmax(-1))]
+    sampled_reward = torch.tensor(compute_reward([r["knobs"] for r in rows], None))
+    greedy_reward = torch.tensor(compute_reward(greedy, None))
+    stage1 = greedy_reward - greedy_reward.view(2, 8).mean(1).repeat_interleave(8)
+    assert torch.allclose(out["advantages"][:, 0], stage1) and torch.allclose(out["advantages"][:, 1], stage1)
+    assert torch.allclose(out["advantages"][:, 2], sampled_reward - greedy_reward)
+    assert torch.allclose(out["advantages"][:, 3], sampled_reward - greedy_reward)
+    assert not torch.allclose(stage1, sampled_reward - sampled_reward.view(2, 8).mean(1).repeat_interleave(8))  # not plain GRPO
+    # a greedy tuple some row also drew runs once
+    runs = {(r["prompt"], tuple(sorted(k.items()))) for r, k in zip(rows + rows, [r["knobs"] for r in rows] + greedy)}
+    assert len(generated) == len(runs) < 32
+    assert trainer._metrics["train"]["executions_per_row"][-1] == len(runs) / 16
+
+
+def test_stage1_credit_is_checked():
+    with pytest.raises(ValueError, match="stage1_credit='tuple'; allowed: 'sampled', 'greedy_stage2'"):
+        KnobGRPOConfig(output_dir="unused", stage1_credit="tuple")
 
 
 def test_a_reward_function_that_raises_is_named(tmp_path):
