@@ -25,6 +25,7 @@ import functools
 import math
 import os
 import zlib
+from collections import defaultdict
 from typing import Any, Callable, Sequence
 
 import torch
@@ -401,7 +402,14 @@ class KnobGRPOTrainer(GRPOTrainer):
 
         n = len(inputs)
         completions, rewards_per_func = score(inputs, keys[:n], sample.knobs)
-        greedy_rewards_per_func = score([dict(row) for row in inputs], keys[n:], greedy)[1] if greedy else None
+        greedy_rewards_per_func = None
+        if greedy:  # what reward functions log (log_extra, log_metric) for these runs is dropped: the table has the sampled rows
+            logged = self._pending_extra_logs, self._pending_metrics
+            self._pending_extra_logs, self._pending_metrics = defaultdict(list), defaultdict(list)
+            try:
+                greedy_rewards_per_func = score([dict(row) for row in inputs], keys[n:], greedy)[1]
+            finally:
+                self._pending_extra_logs, self._pending_metrics = logged
         latencies = [done[key][1] for key in keys[:n]]
 
         # reward -> group-relative advantage (per decision with stage1_credit="greedy_stage2")
@@ -493,6 +501,16 @@ class KnobGRPOTrainer(GRPOTrainer):
         self._logs["extra"]["knobs"].extend(str(Knobs(**k)) for k in all_knobs)
         self._logs["extra"]["latency_ms"].extend(lat.tolist())
         self._logs["extra"]["budget_ms"].extend(bud.tolist())
+        # what reward functions logged through TRL's log_extra / log_metric (names sorted: every process
+        # must gather them in the same order)
+        for column in sorted(set(gather_object(list(self._pending_extra_logs)))):
+            self._logs["extra"][column].extend(gather_object(self._pending_extra_logs.get(column, [None] * len(prompts))))
+        for name in sorted(set(gather_object(list(self._pending_metrics)))):
+            values = self._pending_metrics.get(name, [])
+            total, count = self.accelerator.gather(torch.tensor([sum(values), len(values)], dtype=torch.float32, device=device)).view(-1, 2).sum(0).tolist()
+            metrics[name].append(total / count)
+        self._pending_extra_logs.clear()
+        self._pending_metrics.clear()
 
     # ------------------------------------------------------------------ loss
     def _decision_log_probs(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

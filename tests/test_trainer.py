@@ -132,6 +132,26 @@ def test_greedy_stage2_credit_gives_each_stage_its_own_advantage(tmp_path, stage
     assert trainer._metrics["train"]["executions_per_row"][-1] == len(runs) / 16
 
 
+@pytest.mark.parametrize("stage1_credit", ["sampled", "greedy_stage2"])
+def test_what_reward_functions_log_reaches_the_table_and_the_metrics(tmp_path, stage1_credit):
+    """TRL's log_extra and log_metric: a column per sampled row beside the completions, and a metric
+    (the greedy stage-2 runs' rewards are computed but not logged)."""
+    def top_k_reward(knobs, log_extra, log_metric, **kwargs):
+        values = [float(k["top_k"]) for k in knobs]
+        log_extra("top_k_scored", values)
+        log_metric("top_k_scored/mean", sum(values) / len(values))
+        return values
+
+    trainer, _, _ = make_trainer(tmp_path, stage2_mode="latency_token", reward_funcs=[top_k_reward], stage1_credit=stage1_credit)
+    trainer.model.train()
+    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    trainer._generate_and_score_completions(rows)
+    top_k = [float(r["knobs"]["top_k"]) for r in rows]
+    assert list(trainer._logs["extra"]["top_k_scored"]) == top_k
+    assert len(trainer._logs["completion"]) == 16
+    assert trainer._metrics["train"]["top_k_scored/mean"] == [pytest.approx(sum(top_k) / 16)]
+
+
 def test_stage1_credit_is_checked():
     with pytest.raises(ValueError, match="stage1_credit='tuple'; allowed: 'sampled', 'greedy_stage2'"):
         KnobGRPOConfig(output_dir="unused", stage1_credit="tuple")
