@@ -13,9 +13,9 @@ The loss (:meth:`KnobGRPOTrainer._compute_loss`) is a PPO-style clipped policy g
 the per-decision log-probabilities. By default every decision of a tuple gets the tuple's advantage,
 as every token of a GRPO completion does; with ``stage1_credit="greedy_stage2"`` each row also runs
 the tuple stage 2 would pick greedily after its (tier, p), stage 1 is credited with that tuple's
-reward against its group's mean and stage 2 with its own draw's reward against that tuple's. Everything else (the repeat sampler that puts each prompt's
-G rows together, buffering for ``num_iterations > 1``, logging, checkpoints, ``push_to_hub``)
-is TRL's and transformers' own.
+reward against its group's mean and stage 2 with its own draw's reward against that tuple's.
+Everything else (the repeat sampler that puts each prompt's G rows together, buffering for
+``num_iterations > 1``, logging, checkpoints, ``push_to_hub``) is TRL's and transformers' own.
 """
 
 from __future__ import annotations
