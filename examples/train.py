@@ -217,7 +217,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, KnobGRPO
     # advantages, and the controller chased them to the edge of the smallest budget (late in 38-67% of requests)
     # Stage 1 credited with what its (tier, p) earns when stage 2 then decides greedily: with every decision
     # sharing the sampled tuple's advantage, a tier that fits only with the fewest blocks paid for stage 2's
-    # other draws, and pattern questions reached the high tier 2-6 ms above where it fits. The extra greedy
+    # other draws, and pattern questions reached the high tier 4-7 ms above where it fits. The extra greedy
     # executions are paid for by groups of 6 instead of 8 (12 rows per step: still 2 prompts).
     parser.set_defaults_with_config(scale_rewards="none", stage1_credit="greedy_stage2", num_generations=6,
                                     per_device_train_batch_size=12)
