@@ -11,6 +11,32 @@ from trl import GRPOConfig
 
 from .latency import _check_latency_margin
 
+#: ``GRPOConfig`` options :class:`KnobGRPOTrainer` does not use, with their defaults: how a language
+#: model samples tokens (a policy of knob tuples makes a few small categorical decisions instead),
+#: and loss refinements the knob loss does not implement. Setting one away from its default is an
+#: error, not an option silently ignored. The executor's own generate takes
+#: ``executor_generation_kwargs``; the controller's sampling takes ``temperature``.
+UNUSED_GRPO_OPTIONS: dict[str, Any] = {
+    "use_vllm": False,
+    "use_transformers_continuous_batching": False,
+    "use_transformers_paged": False,
+    "top_p": 1.0,
+    "top_k": 0,  # GRPOConfig's token filter; the MoE top-k is one of the knobs the controller picks
+    "min_p": None,
+    "repetition_penalty": 1.0,
+    "generation_kwargs": None,
+    "cache_implementation": None,
+    "chat_template_kwargs": None,
+    "max_tool_calling_iterations": None,
+    "top_entropy_quantile": 1.0,  # masks tokens by entropy; four decisions per tuple are all kept
+    "off_policy_mask_threshold": None,
+    "multi_objective_aggregation": "sum_then_normalize",  # the weighted sum of the rewards is what is centred
+}
+#: ``loss_type`` values the knob loss implements. With the same number of decisions in every tuple,
+#: TRL's "grpo" (per-sequence mean), "bnpo" (per-batch mean) and "dapo" (per-token mean over the
+#: accumulated batch) are one and the same loss.
+LOSS_TYPES: tuple[str, ...] = ("dapo", "grpo", "bnpo")
+
 
 @dataclass
 class KnobGRPOConfig(GRPOConfig):
@@ -24,7 +50,9 @@ class KnobGRPOConfig(GRPOConfig):
     in TRL: a group whose tuples differ a little in accuracy (two tiers that both fit) then learns
     as fast as one with budget violations. With measured latency and a reward that varies with the
     latency itself (a slack bonus), prefer ``scale_rewards="batch"``: a group whose accuracies tie
-    would otherwise turn timing noise into large advantages (DESIGN §8).
+    would otherwise turn timing noise into large advantages (DESIGN §8). TRL's options for sampling
+    tokens, and the loss refinements the knob loss does not implement, are refused by name
+    (:data:`UNUSED_GRPO_OPTIONS`, ``loss_type`` outside :data:`LOSS_TYPES`); the others work as in TRL.
     """
 
     # ---- TRL defaults that do not fit an MLP policy
@@ -151,5 +179,18 @@ class KnobGRPOConfig(GRPOConfig):
         self.latency_margin = _check_latency_margin(self.latency_margin)
         if self.stage1_credit not in ("sampled", "greedy_stage2"):
             raise ValueError(f"stage1_credit={self.stage1_credit!r}; allowed: 'sampled', 'greedy_stage2'")
+        for name, default in UNUSED_GRPO_OPTIONS.items():
+            value = getattr(self, name)
+            if value != default:
+                raise ValueError(f"{name}={value!r}: KnobGRPOTrainer does not use {name} (its completions are knob tuples, "
+                                 f"not tokens); leave it at {default!r}. The executor's generate takes "
+                                 "executor_generation_kwargs, the controller's sampling temperature")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type={self.loss_type!r}; allowed: {', '.join(map(repr, LOSS_TYPES))} (one loss for tuples of equal length)")
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(f"importance_sampling_level={self.importance_sampling_level!r}; allowed: 'token' (one ratio per "
+                             "decision), 'sequence' (one per tuple)")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature={self.temperature!r} must be a finite number > 0 (it divides the controller's logits when sampling)")
         if self.rollout_mode not in ("auto", "naive", "fused"):
             raise ValueError(f"rollout_mode={self.rollout_mode!r}; allowed: 'auto', 'naive', 'fused'")

@@ -662,7 +662,7 @@ class TwoStageController(PreTrainedModel):
     # ------------------------------------------------------------------ policy API
     def _choose(
         self, logits: dict[str, torch.Tensor], names: tuple[str, ...], greedy: bool, generator: torch.Generator | None,
-        idx: dict[str, torch.Tensor], logps: dict[str, torch.Tensor],
+        idx: dict[str, torch.Tensor], logps: dict[str, torch.Tensor], temperature: float = 1.0,
     ) -> None:
         for name in names:
             if name not in logits:
@@ -670,7 +670,7 @@ class TwoStageController(PreTrainedModel):
             if greedy:  # argmax of the logits: a masked (-inf) option is never the maximum
                 idx[name] = logits[name].argmax(-1)
                 continue
-            logp = _log_softmax(logits[name])
+            logp = _log_softmax(logits[name] / temperature)
             # multinomial never draws a zero-probability (masked) option
             idx[name] = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
             logps[name] = logp.gather(-1, idx[name].unsqueeze(-1)).squeeze(-1)
@@ -684,9 +684,12 @@ class TwoStageController(PreTrainedModel):
         num_generations: int = 1,
         latency_token_fn: LatencyTokenFn | None = None,
         generator: torch.Generator | None = None,
+        temperature: float = 1.0,
     ) -> KnobSample:
         if num_generations < 1:
             raise ValueError(f"num_generations={num_generations} must be >= 1")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
         if self.stage2_mode == "latency_token" and latency_token_fn is None:
             raise ValueError("a latency_token controller needs latency_token_fn(tiers, insertion_positions) -> (N, d) for stage 2")
         language = self._language(language)
@@ -697,13 +700,14 @@ class TwoStageController(PreTrainedModel):
         n = language.shape[0]
         idx: dict[str, torch.Tensor] = {}
         logps: dict[str, torch.Tensor] = {}
-        self._choose(self.stage1(language, code), ("tier", "insertion_position"), greedy, generator, idx, logps)
+        self._choose(self.stage1(language, code), ("tier", "insertion_position"), greedy, generator, idx, logps, temperature)
         tiers, ps = self._stage1_values(idx)
         tokens = None
         if self.stage2_mode == "latency_token":
             tokens = self._latency_tokens(latency_token_fn(tiers, ps), n)
         context = language if tokens is None else tokens
-        self._choose(self.stage2(context, code, idx["insertion_position"]), ("top_k", "num_active_blocks"), greedy, generator, idx, logps)
+        self._choose(self.stage2(context, code, idx["insertion_position"]), ("top_k", "num_active_blocks"), greedy, generator, idx, logps,
+                     temperature)
         knobs = self._to_knobs(idx, tiers, ps)
         if greedy:
             return KnobSample(knobs=knobs, log_probs={}, log_prob=language.new_zeros(0), indices=idx, latency_tokens=tokens)
@@ -728,6 +732,7 @@ class TwoStageController(PreTrainedModel):
         num_generations: int = 1,
         latency_token_fn: LatencyTokenFn | None = None,
         generator: torch.Generator | None = None,
+        temperature: float = 1.0,
     ) -> KnobSample:
         """Sample ``G = num_generations`` tuples for each of ``B`` requests (``B*G`` rows, request-major).
 
@@ -736,8 +741,11 @@ class TwoStageController(PreTrainedModel):
         ``latency_token_fn(tiers, insertion_positions)`` (two lists of ``B*G``) must return the
         ``(B*G, latency_token_dim)`` latency tokens, then stage 2 samples. No gradient: use
         :meth:`log_probs` for the loss. Sampled tuples always pass ``knob_space.validate``.
+        ``temperature`` divides every decision's logits before sampling (``KnobSample.log_probs``
+        are those of the divided logits; greedy decisions do not depend on it).
         """
-        return self._run(language, budgets, greedy=False, num_generations=num_generations, latency_token_fn=latency_token_fn, generator=generator)
+        return self._run(language, budgets, greedy=False, num_generations=num_generations, latency_token_fn=latency_token_fn,
+                         generator=generator, temperature=temperature)
 
     @torch.inference_mode()
     def decide(self, language: torch.Tensor, budgets: Any, *, latency_token_fn: LatencyTokenFn | None = None) -> list[Knobs]:
@@ -756,14 +764,18 @@ class TwoStageController(PreTrainedModel):
         *,
         latency_tokens: torch.Tensor | None = None,
         num_generations: int = 1,
+        temperature: float = 1.0,
     ) -> KnobLogProbs:
         """Per-decision log-probabilities and entropies of given tuples, with gradients.
 
         ``knobs``: ``N = B * num_generations`` tuples, request-major; ``language`` and ``budgets``
         are per request (``B`` rows; they are repeated ``num_generations`` times).
         ``latency_tokens``: ``(N, latency_token_dim)``, required in latency-token mode (e.g.
-        ``KnobSample.latency_tokens``). An invalid tuple raises ``ValueError``.
+        ``KnobSample.latency_tokens``). An invalid tuple raises ``ValueError``. ``temperature``: as
+        in :meth:`sample`.
         """
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
         language = self._language(language)
         code = self.budget_code(budgets, language.shape[0])
         if num_generations > 1:
@@ -780,7 +792,7 @@ class TwoStageController(PreTrainedModel):
         per, ent = {}, {}
         for name in KNOB_NAMES:
             if name in logits:
-                logp = _log_softmax(logits[name])
+                logp = _log_softmax(logits[name] / temperature)
                 per[name] = logp.gather(-1, idx[name].unsqueeze(-1)).squeeze(-1)
                 ent[name] = _entropy(logp)
             else:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
+from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import nanstd
 
 from .adaptive import AdaptiveModel, PrefixState
@@ -164,7 +165,10 @@ class KnobGRPOTrainer(GRPOTrainer):
         # TRL would rebuild a reference policy from the config's name; ours is a frozen copy, taken
         # before TRL wraps the controller's forward (a copy taken after would call the live weights).
         ref_model = copy.deepcopy(model).eval().requires_grad_(False) if beta > 0 else None
-        args.beta = 0.0
+        sync_ref_model = args.sync_ref_model
+        if sync_ref_model and beta == 0:
+            raise ValueError("sync_ref_model=True needs beta > 0: with beta=0 there is no reference controller to move")
+        args.beta, args.sync_ref_model = 0.0, False  # TRL would look for its own reference model
         try:
             super().__init__(
                 model=model,
@@ -177,9 +181,11 @@ class KnobGRPOTrainer(GRPOTrainer):
                 optimizers=optimizers,
             )
         finally:
-            args.beta = beta
+            args.beta, args.sync_ref_model = beta, sync_ref_model
         self.beta = beta
         self.ref_model = ref_model.to(self.accelerator.device) if ref_model is not None else None
+        if sync_ref_model:  # TRL's soft update of the reference toward the policy, on our frozen copy
+            self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
         self.executor = executor  # not a submodule: DDP, the optimiser and checkpoints see the controller only
         self.knob_space = executor.knob_space
 
@@ -350,7 +356,8 @@ class KnobGRPOTrainer(GRPOTrainer):
             return torch.stack(tokens).to(device)
 
         use_tokens = controller.stage2_mode == "latency_token"
-        sample = controller.sample(language, budgets, latency_token_fn=latency_token_fn if use_tokens else None)
+        sample = controller.sample(language, budgets, latency_token_fn=latency_token_fn if use_tokens else None,
+                                   temperature=self.temperature)
         # stage1_credit="greedy_stage2": also run what stage 2 would pick greedily after each row's (tier, p)
         greedy = (controller.decide_stage2(language, budgets, sample.knobs, latency_tokens=sample.latency_tokens)
                   if args.stage1_credit == "greedy_stage2" else [])
@@ -527,7 +534,7 @@ class KnobGRPOTrainer(GRPOTrainer):
                 entropies.append(torch.zeros(n, device=index.device))
                 present.append(False)
                 continue
-            logp = _log_softmax(decision_logits)
+            logp = _log_softmax(decision_logits / self.temperature)  # the distribution the tuple was sampled from
             logps.append(logp.gather(-1, index[:, j : j + 1]).squeeze(-1))
             p = logp.exp()
             entropies.append(-(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1))
@@ -541,22 +548,27 @@ class KnobGRPOTrainer(GRPOTrainer):
         old = inputs["old_log_probs"]
         advantages = inputs["advantages"]
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # per tuple, or per decision
+        mask = present.float().unsqueeze(0).expand_as(logp)
         # PPO-style clipping per decision: each knob is one "token" of the completion
-        ratio = torch.exp(logp - old)
+        log_ratio = logp - old
+        if self.importance_sampling_level == "sequence":  # GSPO: one ratio per tuple, from the mean over its decisions
+            log_ratio = (log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True)
+        ratio = torch.exp(log_ratio)
         clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
-        per_decision = -torch.min(ratio * advantages, clipped * advantages)
+        capped = ratio if self.args.delta is None else torch.clamp(ratio, max=self.args.delta)  # two-sided clipping
+        per_decision = -torch.min(capped * advantages, clipped * advantages)
         if self.beta > 0:
             with torch.no_grad():
                 ref_logp, _, _ = self._decision_log_probs(self.ref_model, inputs)
             delta = ref_logp - logp
             kl = torch.exp(delta) - delta - 1  # k3 estimator, as TRL uses per token
+            if self.args.use_bias_correction_kl:  # as TRL: weighted by the importance ratio of the sampled tuples
+                kl = kl * ratio
             per_decision = per_decision + self.beta * kl
             self._metrics[mode]["kl"].append(self.accelerator.gather((kl[:, present]).mean()).mean().item())
-        mask = present.float().unsqueeze(0).expand_as(per_decision)
         loss = (per_decision * mask).sum() / mask.sum()
         mean_entropy = (entropy * mask).sum() / mask.sum()
-        if self.entropy_coef:
-            loss = loss - self.entropy_coef * mean_entropy
+        loss = loss - self._entropy_bonus(mode, entropy, mask) * mean_entropy
         normaliser = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         with torch.no_grad():
             is_clipped = ((ratio < 1 - self.epsilon_low) | (ratio > 1 + self.epsilon_high)).float()
@@ -566,6 +578,31 @@ class KnobGRPOTrainer(GRPOTrainer):
                 if present[j]:
                     self._metrics[mode][f"entropy/{name}"].append(self.accelerator.gather(entropy[:, j].mean()).mean().item())
         return loss / normaliser
+
+    def _entropy_bonus(self, mode: str, entropy: torch.Tensor, mask: torch.Tensor) -> float:
+        """The entropy coefficient for this micro-batch: ``entropy_coef``, or with
+        ``use_adaptive_entropy`` TRL's rule (Skywork-OR1): applied only while the last optimizer step's
+        mean entropy was at or below ``entropy_target``, and moved by ``entropy_coef_delta`` toward
+        more bonus below the target and less above it, within ``entropy_coef_min``/``_max``. The
+        state lives where TRL keeps it, so its checkpoints save and restore it."""
+        if not self.use_adaptive_entropy:
+            return self.entropy_coef
+        coef = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+        if mode == "train":
+            stats = torch.stack([(entropy * mask).sum(), mask.sum()]).detach()
+            window = stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+            self._entropy_window_stats = window
+            if self.accelerator.sync_gradients:  # one update per optimizer step, over every process's decisions
+                total = self.accelerator.reduce(window, reduction="sum")
+                world_entropy = (total[0] / total[1].clamp(min=1.0)).item()
+                if world_entropy <= self.args.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + self.args.entropy_coef_delta, self.args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - self.args.entropy_coef_delta, self.args.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        return coef
 
     # ------------------------------------------------------------------ model card
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags: Any = None, **kwargs: Any) -> None:

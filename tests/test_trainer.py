@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from datasets import Dataset
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, TrainerCallback
 from tiny import tiny_text_model
 
 from knob_grpo import AdaptiveModel, KnobGRPOConfig, KnobGRPOTrainer, Knobs, TwoStageController
@@ -155,6 +156,156 @@ def test_what_reward_functions_log_reaches_the_table_and_the_metrics(tmp_path, s
 def test_stage1_credit_is_checked():
     with pytest.raises(ValueError, match="stage1_credit='tuple'; allowed: 'sampled', 'greedy_stage2'"):
         KnobGRPOConfig(output_dir="unused", stage1_credit="tuple")
+
+
+@pytest.mark.parametrize("setting,message", [
+    (dict(use_vllm=True), "use_vllm=True: KnobGRPOTrainer does not use use_vllm"),
+    (dict(top_p=0.9), "top_p=0.9: .* leave it at 1.0"),
+    (dict(top_k=3), "top_k=3: .* leave it at 0"),
+    (dict(repetition_penalty=1.2), "repetition_penalty=1.2"),
+    (dict(top_entropy_quantile=0.2), "top_entropy_quantile=0.2"),
+    (dict(multi_objective_aggregation="normalize_then_sum"), "multi_objective_aggregation='normalize_then_sum'"),
+    (dict(loss_type="cispo"), "loss_type='cispo'; allowed: 'dapo', 'grpo', 'bnpo'"),
+    (dict(importance_sampling_level="group"), "importance_sampling_level='group'; allowed: 'token' .* 'sequence'"),
+    (dict(temperature=0.0), "temperature=0.0 must be a finite number > 0"),
+    (dict(temperature=float("nan")), "temperature=nan must be a finite number > 0"),
+])
+def test_grpo_options_the_knob_trainer_does_not_use_are_refused(setting, message):
+    """An option of TRL's GRPOConfig is either honoured or refused by name, never silently ignored."""
+    with pytest.raises(ValueError, match=message):
+        KnobGRPOConfig(output_dir="unused", **setting)
+
+
+def test_the_refused_options_are_grpo_config_fields_at_their_defaults():
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    from knob_grpo.config import UNUSED_GRPO_OPTIONS
+
+    defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    assert {name: defaults.get(name, "missing") for name in UNUSED_GRPO_OPTIONS} == UNUSED_GRPO_OPTIONS
+    KnobGRPOConfig(output_dir="unused", loss_type="grpo", importance_sampling_level="sequence", temperature=0.5)  # honoured
+
+
+@pytest.mark.parametrize("stage2_mode", ["prompt", "latency_token"])
+def test_temperature_samples_and_scores_the_same_distribution(tmp_path, stage2_mode):
+    trainer, controller, _ = make_trainer(tmp_path, stage2_mode, temperature=3.0)
+    trainer.model.train()
+    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions(rows)
+    logp, _, present = trainer._decision_log_probs(trainer.model, out)
+    assert torch.allclose(logp[:, present], out["old_log_probs"][:, present], atol=1e-5)  # ratio 1 before any update
+    trainer.temperature = 1.0
+    unscaled, _, _ = trainer._decision_log_probs(trainer.model, out)
+    assert not torch.allclose(unscaled[:, present], out["old_log_probs"][:, present], atol=1e-3)
+    language = prompt_features(trainer.executor, PROMPTS[:1])
+    with pytest.raises(ValueError, match="temperature=-1.0 must be a finite number > 0"):
+        controller.sample(language, [HIGH], temperature=-1.0, latency_token_fn=lambda tiers, ps: out["latency_tokens"][:1])
+
+
+def _loss_inputs(trainer, offsets, advantages):
+    """Inputs for _compute_loss whose old log-probabilities sit ``offsets`` below the current ones."""
+    trainer.model.train()
+    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions(rows)
+    with torch.no_grad():
+        logp, _, present = trainer._decision_log_probs(trainer.model, out)
+    out["old_log_probs"] = logp - offsets
+    out["advantages"] = advantages
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop; one micro-batch here
+    return out, present
+
+
+@pytest.mark.parametrize("level,delta", [("token", None), ("sequence", None), ("token", 1.5)])
+def test_the_clipped_loss_per_decision_per_tuple_and_two_sided(tmp_path, level, delta):
+    trainer, _, _ = make_trainer(tmp_path, importance_sampling_level=level, delta=delta, entropy_coef=0.0, epsilon=0.2)
+    gen = torch.Generator().manual_seed(1)
+    offsets = torch.rand(16, 4, generator=gen) * 0.8 - 0.2  # log-ratios from -0.2 to 0.6: some clipped, some capped
+    advantages = torch.randn(16, generator=gen)
+    inputs, present = _loss_inputs(trainer, offsets, advantages)
+    loss = trainer._compute_loss(trainer.model, inputs)
+    m = present.float().expand(16, 4)
+    log_ratio = offsets * m
+    if level == "sequence":
+        log_ratio = (log_ratio.sum(1, keepdim=True) / m.sum(1, keepdim=True)).expand(16, 4)
+    ratio = log_ratio.exp()
+    capped = ratio if delta is None else ratio.clamp(max=delta)
+    a = advantages.unsqueeze(1)
+    expected = (-torch.min(capped * a, ratio.clamp(0.8, 1.2) * a) * m).sum() / m.sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    if delta is not None:  # the cap bites on some decision with a negative advantage
+        assert bool(((ratio > delta) & (a < 0) & (m > 0)).any())
+
+
+def test_adaptive_entropy_follows_trl_rule_and_checkpoints(tmp_path):
+    """use_adaptive_entropy: the coefficient rises by entropy_coef_delta per optimizer step while the
+    policy's mean decision entropy is at or below entropy_target, falls above it, and applies only
+    below it; TRL's checkpoint machinery saves it."""
+    common = dict(use_adaptive_entropy=True, entropy_coef=0.05, entropy_coef_delta=0.01, entropy_coef_max=0.08, max_steps=4,
+                  save_strategy="steps", save_steps=4)
+    rising, _, _ = make_trainer(tmp_path / "rise", entropy_target=10.0, **common)  # entropy is always below 10 nats
+    rising.train()
+    coefs = [h["entropy_coef"] for h in rising.state.log_history if "entropy_coef" in h]
+    assert coefs == pytest.approx([0.06, 0.07, 0.08, 0.08])  # capped at entropy_coef_max
+    saved = json.loads((tmp_path / "rise" / "out" / "checkpoint-4" / "entropy_ctrl_state.json").read_text())
+    assert saved["entropy_coef"] == pytest.approx(0.08) and saved["last_world_entropy"] < 10.0
+
+    falling, _, _ = make_trainer(tmp_path / "fall", entropy_target=0.0, **common)
+    falling.train()
+    assert [h["entropy_coef"] for h in falling.state.log_history if "entropy_coef" in h] == pytest.approx([0.04, 0.03, 0.02, 0.01])
+    mask = torch.ones(2, 4)
+    assert falling._entropy_bonus("eval", torch.ones(2, 4), mask) == 0.0  # entropy above the target: no bonus
+    falling._last_world_entropy = 0.0
+    assert falling._entropy_bonus("eval", torch.ones(2, 4), mask) == pytest.approx(0.01)
+
+
+def test_sync_ref_model_moves_the_reference_toward_the_policy(tmp_path):
+    trainer, controller, _ = make_trainer(tmp_path, beta=0.1, sync_ref_model=True, ref_model_sync_steps=2,
+                                          ref_model_mixup_alpha=1.0, max_steps=3)
+    initial = {k: v.clone() for k, v in controller.state_dict().items()}
+    ref, policy = {}, {}  # after each step (the sync callback, added first, has run)
+
+    def snapshot(args, state, control, **kwargs):
+        ref[state.global_step] = {k: v.clone() for k, v in trainer.ref_model.state_dict().items()}
+        policy[state.global_step] = {k: v.clone() for k, v in controller.state_dict().items()}
+
+    trainer.add_callback(type("Snapshot", (TrainerCallback,), {"on_step_end": lambda self, *a, **k: snapshot(*a, **k)}))
+    trainer.train()
+    assert all(torch.equal(ref[1][k], initial[k]) for k in initial)  # not synced at step 1
+    assert all(torch.equal(ref[2][k], policy[2][k]) for k in initial)  # synced at step 2 (alpha 1: a copy)
+    assert any(not torch.equal(policy[2][k], initial[k]) for k in initial)
+    assert all(torch.equal(ref[3][k], ref[2][k]) for k in initial)  # not at step 3
+    with pytest.raises(ValueError, match="sync_ref_model=True needs beta > 0"):
+        make_trainer(tmp_path / "b", sync_ref_model=True)
+
+
+def test_reward_weights_and_generation_batches_spanning_steps(tmp_path):
+    """TRL's reward_weights weigh each function in the advantage; steps_per_generation=2 generates
+    once for two optimizer steps, each step taking its half of the generation batch."""
+    def top_k_reward(knobs, **kwargs):
+        return [float(k["top_k"]) for k in knobs]
+
+    def blocks_reward(knobs, **kwargs):
+        return [float(k["num_active_blocks"]) for k in knobs]
+
+    trainer, controller, _ = make_trainer(tmp_path, reward_funcs=[top_k_reward, blocks_reward], reward_weights=[2.0, -0.5],
+                                          scale_rewards="none", steps_per_generation=2, max_steps=4)
+    trainer.model.train()
+    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    out = trainer._generate_and_score_completions(rows)
+    total = torch.tensor([2.0 * r["knobs"]["top_k"] - 0.5 * r["knobs"]["num_active_blocks"] for r in rows])
+    assert torch.allclose(out["advantages"], total - total.view(2, 8).mean(1).repeat_interleave(8))
+
+    calls = []
+    generate_and_score = trainer._generate_and_score_completions
+    trainer._generate_and_score_completions = lambda inputs: calls.append(len(inputs)) or generate_and_score(inputs)
+    before = {k: v.clone() for k, v in controller.state_dict().items()}
+    trainer.train()
+    assert calls == [32, 32]  # two generation batches of two steps' rows for four steps
+    assert any(not torch.equal(controller.state_dict()[k], before[k]) for k in before)
 
 
 def test_a_reward_function_that_raises_is_named(tmp_path):
