@@ -378,3 +378,24 @@ def test_cli(vlm, data, tmp_path):
     with pytest.raises(ValueError, match="--latency_profile needs --latency_margin"):
         main(calibrated[:-2])
     assert StaticSweep.load(tmp_path / "calib_sweep.json").num_rows == 2
+
+
+def test_text_only_rows_run_without_a_tier(vlm, data):
+    """A row without an image (a text question to the VLM) runs every method with no tier; the rows
+    with images keep theirs, and the full model answers the text row as it does alone."""
+    eval_rows, profile_rows = data
+    question = "how many dots are there ?"
+    out = vlm.generate(question, None, max_new_tokens=3, do_sample=False)
+    prompt_len = vlm.prepare_inputs(question, None)["input_ids"].shape[-1]
+    text_row = {"question": question, "image": None, "answer": vlm.tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True)}
+    rows = eval_rows[:2] + [text_row]
+    torch.manual_seed(0)
+    controller = TwoStageController.for_executor(vlm, stage2_mode="latency_token", budget_range=(10.0, 100.0))
+    result = evaluate_budgets(vlm, controller, rows, [10.0, 100.0], profile_dataset=profile_rows, configs=[FAST, MID, SLOW],
+                              max_new_tokens=3, num_threads=THREADS, progress=False)
+    for (method, budget), outcomes in result.outcomes.items():
+        assert [o.knobs.tier is None for o in outcomes] == [False, False, True], (method, budget)
+        if method == "full model":
+            assert outcomes[2].score == 1.0
+    with_image = {o.knobs.tier for o in result.outcomes[("lookup table", 100.0)][:2]}
+    assert with_image <= {"low", "medium", "high"} and with_image
