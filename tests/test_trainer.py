@@ -13,6 +13,7 @@ from tiny import tiny_text_model
 
 from knob_grpo import AdaptiveModel, KnobGRPOConfig, KnobGRPOTrainer, Knobs, TwoStageController
 from knob_grpo.controller import prompt_features
+from knob_grpo.knobs import KNOB_NAMES
 from knob_grpo.latency import DECODE_FEATURES, TTFT_FEATURES, LatencyProfile
 from knob_grpo.rewards import answer_probability_reward
 from knob_grpo.trainer import RewardFunctionError
@@ -197,6 +198,10 @@ def test_temperature_samples_and_scores_the_same_distribution(tmp_path, stage2_m
     out = trainer._generate_and_score_completions(rows)
     logp, _, present = trainer._decision_log_probs(trainer.model, out)
     assert torch.allclose(logp[:, present], out["old_log_probs"][:, present], atol=1e-5)  # ratio 1 before any update
+    direct = controller.log_probs([r["knobs"] for r in rows], out["language"], out["budgets"],
+                                  latency_tokens=out.get("latency_tokens"), temperature=3.0)
+    for j, name in enumerate(KNOB_NAMES):
+        assert torch.allclose(direct.per_decision[name], out["old_log_probs"][:, j], atol=1e-5)
     trainer.temperature = 1.0
     unscaled, _, _ = trainer._decision_log_probs(trainer.model, out)
     assert not torch.allclose(unscaled[:, present], out["old_log_probs"][:, present], atol=1e-3)
