@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from trl import GRPOConfig
 
+from .controller import _check_temperature
 from .latency import _check_latency_margin
 
 #: ``GRPOConfig`` options :class:`KnobGRPOTrainer` does not use, with their defaults: how a language
@@ -190,7 +191,6 @@ class KnobGRPOConfig(GRPOConfig):
         if self.importance_sampling_level not in ("token", "sequence"):
             raise ValueError(f"importance_sampling_level={self.importance_sampling_level!r}; allowed: 'token' (one ratio per "
                              "decision), 'sequence' (one per tuple)")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature={self.temperature!r} must be a finite number > 0 (it divides the controller's logits when sampling)")
+        self.temperature = _check_temperature(self.temperature)
         if self.rollout_mode not in ("auto", "naive", "fused"):
             raise ValueError(f"rollout_mode={self.rollout_mode!r}; allowed: 'auto', 'naive', 'fused'")

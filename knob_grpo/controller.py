@@ -390,6 +390,13 @@ def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, torch.log_softmax(safe, dim=-1), torch.full_like(safe, float("-inf")))
 
 
+def _check_temperature(temperature: float) -> float:
+    """A sampling temperature: a finite number > 0 (it divides the controller's logits)."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number > 0 (it divides the controller's logits)")
+    return float(temperature)
+
+
 def _entropy(logp: torch.Tensor) -> torch.Tensor:
     """Entropy of a distribution given as log-probs (masked ``-inf`` entries contribute 0, no NaN grads)."""
     valid = torch.isfinite(logp)
@@ -688,8 +695,7 @@ class TwoStageController(PreTrainedModel):
     ) -> KnobSample:
         if num_generations < 1:
             raise ValueError(f"num_generations={num_generations} must be >= 1")
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
+        _check_temperature(temperature)
         if self.stage2_mode == "latency_token" and latency_token_fn is None:
             raise ValueError("a latency_token controller needs latency_token_fn(tiers, insertion_positions) -> (N, d) for stage 2")
         language = self._language(language)
@@ -774,8 +780,7 @@ class TwoStageController(PreTrainedModel):
         ``KnobSample.latency_tokens``). An invalid tuple raises ``ValueError``. ``temperature``: as
         in :meth:`sample`.
         """
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature={temperature!r} must be a finite number > 0")
+        _check_temperature(temperature)
         language = self._language(language)
         code = self.budget_code(budgets, language.shape[0])
         if num_generations > 1:

@@ -56,6 +56,11 @@ def make_trainer(tmp_path, stage2_mode="prompt", reward_funcs=None, measured=Fal
     return trainer, controller, executor
 
 
+def two_groups():
+    """One generation batch: a group of 8 rows of the first prompt at the low budget, then 8 of the second at the high one."""
+    return [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+
+
 def greedy(controller, executor, budgets):
     language = prompt_features(executor, [PROMPTS[0]] * len(budgets))
     fn = None
@@ -86,7 +91,7 @@ def test_group_advantages_and_rows_a_reward_declines(tmp_path):
 
     trainer, _, _ = make_trainer(tmp_path, reward_funcs=[declines_second_prompt], scale_rewards="none")
     trainer.model.train()
-    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    rows = two_groups()
     out = trainer._generate_and_score_completions(rows)
     top_k = torch.tensor([r["knobs"]["top_k"] for r in rows[:8]], dtype=torch.float32)
     assert torch.allclose(out["advantages"][:8], top_k - top_k.mean())  # centred on its own group
@@ -109,7 +114,7 @@ def test_greedy_stage2_credit_gives_each_stage_its_own_advantage(tmp_path, stage
     generate_rows = executor.generate_rows
     executor.generate_rows = lambda *a, **k: generated.extend([1] * len(a[1])) or generate_rows(*a, **k)
     trainer.model.train()
-    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    rows = two_groups()
     torch.manual_seed(0)
     out = trainer._generate_and_score_completions(rows)
     assert out["advantages"].shape == (16, 4)
@@ -146,7 +151,7 @@ def test_what_reward_functions_log_reaches_the_table_and_the_metrics(tmp_path, s
 
     trainer, _, _ = make_trainer(tmp_path, stage2_mode="latency_token", reward_funcs=[top_k_reward], stage1_credit=stage1_credit)
     trainer.model.train()
-    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    rows = two_groups()
     trainer._generate_and_score_completions(rows)
     top_k = [float(r["knobs"]["top_k"]) for r in rows]
     assert list(trainer._logs["extra"]["top_k_scored"]) == top_k
@@ -193,7 +198,7 @@ def test_the_refused_options_are_grpo_config_fields_at_their_defaults():
 def test_temperature_samples_and_scores_the_same_distribution(tmp_path, stage2_mode):
     trainer, controller, _ = make_trainer(tmp_path, stage2_mode, temperature=3.0)
     trainer.model.train()
-    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    rows = two_groups()
     torch.manual_seed(0)
     out = trainer._generate_and_score_completions(rows)
     logp, _, present = trainer._decision_log_probs(trainer.model, out)
@@ -213,7 +218,7 @@ def test_temperature_samples_and_scores_the_same_distribution(tmp_path, stage2_m
 def _loss_inputs(trainer, offsets, advantages):
     """Inputs for _compute_loss whose old log-probabilities sit ``offsets`` below the current ones."""
     trainer.model.train()
-    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    rows = two_groups()
     torch.manual_seed(0)
     out = trainer._generate_and_score_completions(rows)
     with torch.no_grad():
@@ -299,7 +304,7 @@ def test_reward_weights_and_generation_batches_spanning_steps(tmp_path):
     trainer, controller, _ = make_trainer(tmp_path, reward_funcs=[top_k_reward, blocks_reward], reward_weights=[2.0, -0.5],
                                           scale_rewards="none", steps_per_generation=2, max_steps=4)
     trainer.model.train()
-    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    rows = two_groups()
     out = trainer._generate_and_score_completions(rows)
     total = torch.tensor([2.0 * r["knobs"]["top_k"] - 0.5 * r["knobs"]["num_active_blocks"] for r in rows])
     assert torch.allclose(out["advantages"], total - total.view(2, 8).mean(1).repeat_interleave(8))
@@ -417,7 +422,7 @@ def test_fused_rollouts_give_the_naive_tokens_and_share_prefills(tmp_path):
     prefill = executor.prefill
     executor.prefill = lambda *a, **k: calls.append(k["insertion_position"]) or prefill(*a, **k)
     trainer.model.train()
-    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    rows = two_groups()
     trainer._generate_and_score_completions(rows)
     completions = list(trainer._logs["completion"])[-16:]
     assert len(calls) <= 2 * len(executor.knob_space.tiers or [None])  # one prefill per request (and tier), not per row
@@ -439,7 +444,7 @@ def test_batched_rollouts_equal_one_generate_per_tuple(tmp_path):
         generate_rows = executor.generate_rows
         executor.generate_rows = lambda *a, **k: calls.append(len(a[1])) or generate_rows(*a, **k)
         trainer.model.train()
-        rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+        rows = two_groups()
         torch.manual_seed(0)
         trainer._generate_and_score_completions(rows)
         seen[batched] = dict(knobs=[r["knobs"] for r in rows], latency=[r["latency_ms"] for r in rows],
@@ -462,7 +467,7 @@ def test_rows_that_drew_the_same_tuple_run_once(tmp_path):
     generate = executor.generate
     executor.generate = lambda *a, **k: generated.append(1) or generate(*a, **k)
     trainer.model.train()
-    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    rows = two_groups()
     trainer._generate_and_score_completions(rows)
     distinct = {(row["prompt"], tuple(sorted(row["knobs"].items()))) for row in rows}
     assert len(generated) == len(distinct) < len(rows)  # 16 rows over 2 requests: some tuples repeat
@@ -550,7 +555,7 @@ def test_decision_overhead_is_added_to_every_rollout_latency(tmp_path):
     plain, _, executor = make_trainer(tmp_path / "plain", max_steps=1)
     trainer, _, _ = make_trainer(tmp_path / "overhead", max_steps=1, decision_overhead_ms=7.5)
     trainer.model.train()
-    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    rows = two_groups()
     trainer._generate_and_score_completions(rows)
     for row in rows:
         _, without, _ = plain._execute(row["prompt"], None, Knobs(**row["knobs"]), None)
@@ -563,7 +568,7 @@ def test_latency_margin_scales_profiled_latency(tmp_path):
     plain, _, _ = make_trainer(tmp_path / "plain", max_steps=1)
     trainer, _, _ = make_trainer(tmp_path / "margin", max_steps=1, latency_margin=0.1, decision_overhead_ms=2.0)
     trainer.model.train()
-    rows = [dict(prompt=PROMPTS[0], budget=LOW) for _ in range(8)] + [dict(prompt=PROMPTS[1], budget=HIGH) for _ in range(8)]
+    rows = two_groups()
     trainer._generate_and_score_completions(rows)
     for row in rows:
         _, without, _ = plain._execute(row["prompt"], None, Knobs(**row["knobs"]), None)
