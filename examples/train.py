@@ -215,11 +215,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, KnobGRPO
     # Rewards centred on the group mean but not divided by its spread: with the dense answer reward, TRL's
     # per-group scaling blew differences of a few thousandths between low-tier configurations up to full-size
     # advantages, and the controller chased them to the edge of the smallest budget (late in 38-67% of requests)
-    # Stage 1 credited with what its (tier, p) earns when stage 2 then decides greedily: with every decision
-    # sharing the sampled tuple's advantage, a tier that fits only with the fewest blocks paid for stage 2's
-    # other draws, and pattern questions reached the high tier 4-7 ms above where it fits. The extra greedy
-    # executions are paid for by groups of 6 instead of 8 (12 rows per step: still 2 prompts).
-    parser.set_defaults_with_config(scale_rewards="none", stage1_credit="greedy_stage2", num_generations=6,
+    # Each decision credited with what it earns when the decisions after it are taken greedily: with every
+    # decision sharing the sampled tuple's advantage, a tier that fits only with the fewest blocks paid for
+    # stage 2's other draws, and pattern questions reached the high tier 4-7 ms above where it fits; with
+    # the tier paying for p's draws, stripes and compare questions, which the high tier fits at 48-56 ms
+    # only with p = 1, reached it from 60-64 ms. The extra greedy executions are paid for by groups of 6
+    # instead of 8 (12 rows per step: still 2 prompts). The exploration floor keeps the high tier drawn
+    # where stage 1 has given it up, so that p and stage 2 after it keep learning what fits there.
+    parser.set_defaults_with_config(scale_rewards="none", stage1_credit="greedy_rest", stage1_exploration=0.1, num_generations=6,
                                     per_device_train_batch_size=12)
     return parser.parse_args_and_config(args=argv)
 

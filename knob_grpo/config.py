@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from trl import GRPOConfig
 
-from .controller import _check_temperature
+from .controller import _check_exploration, _check_temperature
 from .latency import _check_latency_margin
 
 #: ``GRPOConfig`` options :class:`KnobGRPOTrainer` does not use, with their defaults: how a language
@@ -159,7 +159,17 @@ class KnobGRPOConfig(GRPOConfig):
                   "p) earns when stage 2 then decides greedily (as at inference), against its group's mean; stage 2's "
                   "decisions get their own reward against that one. Costs one more execution per row whose greedy "
                   "stage-2 tuple was not drawn. Stage 1 then stops paying for stage 2's exploration: a tier that fits "
-                  "only with the right stage-2 choice is not punished for the draws that miss it."},
+                  "only with the right stage-2 choice is not punished for the draws that miss it. 'greedy_rest': the "
+                  "same, and the tier too stops paying for p's exploration: it gets the reward of the greedy p after "
+                  "it (then stage 2 greedily) against its group's mean, and p gets 'greedy_stage2''s reward against "
+                  "that. Costs up to one more execution per row."},
+    )
+    stage1_exploration: float = field(
+        default=0.0,
+        metadata={"help": "Exploration floor of stage 1, in [0, 1): its decisions (tier, p) are drawn from (1 - x) * policy "
+                  "+ x * uniform, and the loss weighs each by policy / that mixture (the importance ratio, clipped as "
+                  "any). A tier stage 1 gave up on early at some budget is still tried there now and then, so stage 2 "
+                  "keeps learning what fits after it and stage 1 can come back to it. 0: sample from the policy."},
     )
     executor_generation_kwargs: dict[str, Any] | str | None = field(
         default=None,
@@ -178,8 +188,8 @@ class KnobGRPOConfig(GRPOConfig):
         if not (math.isfinite(self.decision_overhead_ms) and self.decision_overhead_ms >= 0):
             raise ValueError(f"decision_overhead_ms={self.decision_overhead_ms!r} must be a finite number of ms >= 0")
         self.latency_margin = _check_latency_margin(self.latency_margin)
-        if self.stage1_credit not in ("sampled", "greedy_stage2"):
-            raise ValueError(f"stage1_credit={self.stage1_credit!r}; allowed: 'sampled', 'greedy_stage2'")
+        if self.stage1_credit not in ("sampled", "greedy_stage2", "greedy_rest"):
+            raise ValueError(f"stage1_credit={self.stage1_credit!r}; allowed: 'sampled', 'greedy_stage2', 'greedy_rest'")
         for name, default in UNUSED_GRPO_OPTIONS.items():
             value = getattr(self, name)
             if value != default:
@@ -192,5 +202,6 @@ class KnobGRPOConfig(GRPOConfig):
             raise ValueError(f"importance_sampling_level={self.importance_sampling_level!r}; allowed: 'token' (one ratio per "
                              "decision), 'sequence' (one per tuple)")
         self.temperature = _check_temperature(self.temperature)
+        self.stage1_exploration = _check_exploration(self.stage1_exploration)
         if self.rollout_mode not in ("auto", "naive", "fused"):
             raise ValueError(f"rollout_mode={self.rollout_mode!r}; allowed: 'auto', 'naive', 'fused'")

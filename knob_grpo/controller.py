@@ -32,7 +32,8 @@ Inputs
 Stages
 ------
 * **Stage 1** (before any model compute): language + budget -> logits for ``tier`` (if the
-  knob space has tiers) and ``insertion_position``.
+  knob space has tiers), then for ``insertion_position`` given the tier (the tier drawn, or the
+  one whose logits ``forward(tiers=...)`` is given).
 * **Stage 2** (``config.stage2_mode``):
 
   - ``"latency_token"``: the latency token -- the hidden state of the last prompt token entering
@@ -325,7 +326,16 @@ def _budget_mlp(config: ControllerConfig, width: int) -> nn.Sequential:
 
 
 class Stage1Policy(nn.Module):
-    """Language + budget code -> logits for ``tier`` (if any) and ``insertion_position``."""
+    """Language + budget code -> logits for ``tier`` (if any), then for ``insertion_position`` given
+    the tier.
+
+    ``p``'s logits are a shared head plus one per tier (``insertion_position_by_tier``, zero at
+    initialisation). Drawn independently, ``p`` could not depend on the tier it goes with, and the
+    ``p`` that lets a large tier fit a tight budget (few leading blocks at the full setting) is not
+    the one the other tiers favour there: on the embedded default, the high tier fitted stripes
+    questions at 48-56 ms only with ``p = 1``, so while ``p`` was drawn as for the medium tier the
+    high tier was late in two draws of three and stage 1 learned to avoid it there.
+    """
 
     def __init__(self, config: ControllerConfig, space: KnobSpace) -> None:
         super().__init__()
@@ -336,14 +346,28 @@ class Stage1Policy(nn.Module):
         self.trunk = _mlp([2 * h, h, h, h])
         self.tier_head = _head(h, len(space.tiers)) if space.tiers else None
         self.insertion_position_head = _head(h, len(space.insertion_positions))
+        self.insertion_position_by_tier = None
+        if space.tiers:
+            self.insertion_position_by_tier = nn.Linear(h, len(space.tiers) * len(space.insertion_positions), bias=False)
+            self.insertion_position_by_tier._zero_init = True  # p starts independent of the tier
 
     def forward(self, language: torch.Tensor, budget_code: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"features": (B, h), "tier": (B, num_tiers)}`` (no ``"tier"`` without tiers); then
+        :meth:`insertion_position_logits`."""
         x = torch.cat([self.language_proj(self.language_norm(language)), self.budget_mlp(budget_code)], dim=-1)
-        x = self.trunk(x)
-        out = {"insertion_position": self.insertion_position_head(x)}
+        out = {"features": self.trunk(x)}
         if self.tier_head is not None:
-            out["tier"] = self.tier_head(x)
+            out["tier"] = self.tier_head(out["features"])
         return out
+
+    def insertion_position_logits(self, features: torch.Tensor, tier_index: torch.Tensor | None) -> torch.Tensor:
+        """``(B, num_positions)`` logits of ``p`` given each row's tier (option index; ``None``
+        without tiers)."""
+        logits = self.insertion_position_head(features)
+        if self.insertion_position_by_tier is None:
+            return logits
+        by_tier = self.insertion_position_by_tier(features).view(features.shape[0], -1, logits.shape[-1])
+        return logits + by_tier.gather(1, tier_index.view(-1, 1, 1).expand(-1, 1, logits.shape[-1])).squeeze(1)
 
 
 class Stage2Policy(nn.Module):
@@ -395,6 +419,15 @@ def _check_temperature(temperature: float) -> float:
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature={temperature!r} must be a finite number > 0 (it divides the controller's logits)")
     return float(temperature)
+
+
+def _check_exploration(exploration: float) -> float:
+    """An exploration floor: a number in ``[0, 1)`` (the weight of the uniform distribution mixed
+    into a decision's)."""
+    if not (math.isfinite(exploration) and 0 <= exploration < 1):
+        raise ValueError(f"stage1_exploration={exploration!r} must be a number in [0, 1) (the weight of the uniform "
+                         "distribution mixed into stage 1's)")
+    return float(exploration)
 
 
 def _entropy(logp: torch.Tensor) -> torch.Tensor:
@@ -493,7 +526,9 @@ class TwoStageController(PreTrainedModel):
         elif isinstance(module, Stage2Policy):
             init.copy_(module.invalid_blocks, module.compute_invalid_blocks())
         elif isinstance(module, nn.Linear):
-            if getattr(module, "_knob_head", False):
+            if getattr(module, "_zero_init", False):
+                init.zeros_(module.weight)
+            elif getattr(module, "_knob_head", False):
                 init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             else:  # variance-preserving for the hidden layers
                 init.normal_(module.weight, mean=0.0, std=module.in_features ** -0.5)
@@ -590,6 +625,12 @@ class TwoStageController(PreTrainedModel):
             raise ValueError(f"latency tokens must be ({n}, {self.config.latency_token_dim}), got {tuple(tokens.shape)}")
         return tokens.to(device=self._param.device, dtype=self._param.dtype)
 
+    def _tier_index(self, tiers: Any, n: int) -> torch.Tensor:
+        tiers = [tiers] * n if isinstance(tiers, str) else list(tiers)
+        if len(tiers) != n:
+            raise ValueError(f"got {len(tiers)} tiers for {n} rows")
+        return torch.tensor([self.knob_space.tiers.index(self.knob_space.check_value("tier", t)) for t in tiers], device=self._param.device)
+
     def _p_index(self, insertion_positions: Any) -> torch.Tensor:
         options = self.knob_space.insertion_positions
         values = insertion_positions.tolist() if isinstance(insertion_positions, torch.Tensor) else list(insertion_positions)
@@ -615,14 +656,20 @@ class TwoStageController(PreTrainedModel):
         insertion_positions: Any = None,
         latency_tokens: torch.Tensor | None = None,
         return_dict: bool = True,
+        tiers: Any = None,
         **kwargs: Any,
     ) -> ControllerOutput:
-        """Logits of both stages. Stage 2 needs ``insertion_positions`` (``p`` values, one per row)
-        and, in latency-token mode, ``latency_tokens`` ``(B, latency_token_dim)``."""
+        """Logits of both stages. ``insertion_position_logits`` are given each row's tier: ``tiers``
+        (one per row), or the likeliest tier by default. Stage 2 needs ``insertion_positions`` (``p``
+        values, one per row) and, in latency-token mode, ``latency_tokens`` ``(B, latency_token_dim)``."""
         language = self._language(language)
         n = language.shape[0]
         code = self.budget_code(budgets, n)
         s1 = self.stage1(language, code)
+        tier_index = None
+        if "tier" in s1:
+            tier_index = s1["tier"].argmax(-1) if tiers is None else self._tier_index(tiers, n)
+        s1["insertion_position"] = self.stage1.insertion_position_logits(s1["features"], tier_index)
         s2: dict[str, torch.Tensor] = {}
         if insertion_positions is not None:
             context = self._stage2_context(language, latency_tokens, n)
@@ -669,7 +716,7 @@ class TwoStageController(PreTrainedModel):
     # ------------------------------------------------------------------ policy API
     def _choose(
         self, logits: dict[str, torch.Tensor], names: tuple[str, ...], greedy: bool, generator: torch.Generator | None,
-        idx: dict[str, torch.Tensor], logps: dict[str, torch.Tensor], temperature: float = 1.0,
+        idx: dict[str, torch.Tensor], logps: dict[str, torch.Tensor], temperature: float = 1.0, exploration: float = 0.0,
     ) -> None:
         for name in names:
             if name not in logits:
@@ -678,9 +725,21 @@ class TwoStageController(PreTrainedModel):
                 idx[name] = logits[name].argmax(-1)
                 continue
             logp = _log_softmax(logits[name] / temperature)
+            if exploration > 0:  # the floor is uniform over the valid options only
+                valid = torch.isfinite(logits[name])
+                floor = valid.to(logp.dtype) / valid.sum(-1, keepdim=True)
+                logp = torch.where(valid, torch.log((1 - exploration) * logp.exp() + exploration * floor), logp)
             # multinomial never draws a zero-probability (masked) option
             idx[name] = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
             logps[name] = logp.gather(-1, idx[name].unsqueeze(-1)).squeeze(-1)
+
+    def _stage1(self, language: torch.Tensor, code: torch.Tensor, greedy: bool, generator: torch.Generator | None,
+                idx: dict[str, torch.Tensor], logps: dict[str, torch.Tensor], temperature: float = 1.0, exploration: float = 0.0) -> None:
+        """Stage 1's decisions into ``idx`` (and their log-probs into ``logps``): the tier, then ``p`` given it."""
+        s1 = self.stage1(language, code)
+        self._choose(s1, ("tier",), greedy, generator, idx, logps, temperature, exploration)
+        logits = {"insertion_position": self.stage1.insertion_position_logits(s1["features"], idx.get("tier"))}
+        self._choose(logits, ("insertion_position",), greedy, generator, idx, logps, temperature, exploration)
 
     def _run(
         self,
@@ -692,10 +751,12 @@ class TwoStageController(PreTrainedModel):
         latency_token_fn: LatencyTokenFn | None = None,
         generator: torch.Generator | None = None,
         temperature: float = 1.0,
+        stage1_exploration: float = 0.0,
     ) -> KnobSample:
         if num_generations < 1:
             raise ValueError(f"num_generations={num_generations} must be >= 1")
         _check_temperature(temperature)
+        _check_exploration(stage1_exploration)
         if self.stage2_mode == "latency_token" and latency_token_fn is None:
             raise ValueError("a latency_token controller needs latency_token_fn(tiers, insertion_positions) -> (N, d) for stage 2")
         language = self._language(language)
@@ -706,7 +767,7 @@ class TwoStageController(PreTrainedModel):
         n = language.shape[0]
         idx: dict[str, torch.Tensor] = {}
         logps: dict[str, torch.Tensor] = {}
-        self._choose(self.stage1(language, code), ("tier", "insertion_position"), greedy, generator, idx, logps, temperature)
+        self._stage1(language, code, greedy, generator, idx, logps, temperature, stage1_exploration)
         tiers, ps = self._stage1_values(idx)
         tokens = None
         if self.stage2_mode == "latency_token":
@@ -739,6 +800,7 @@ class TwoStageController(PreTrainedModel):
         latency_token_fn: LatencyTokenFn | None = None,
         generator: torch.Generator | None = None,
         temperature: float = 1.0,
+        stage1_exploration: float = 0.0,
     ) -> KnobSample:
         """Sample ``G = num_generations`` tuples for each of ``B`` requests (``B*G`` rows, request-major).
 
@@ -749,9 +811,15 @@ class TwoStageController(PreTrainedModel):
         :meth:`log_probs` for the loss. Sampled tuples always pass ``knob_space.validate``.
         ``temperature`` divides every decision's logits before sampling (``KnobSample.log_probs``
         are those of the divided logits; greedy decisions do not depend on it).
+
+        ``stage1_exploration`` ``ε`` in ``[0, 1)`` draws stage 1's decisions (tier, p) from
+        ``(1 - ε) * policy + ε * uniform`` instead of the policy, so that no tier nor position
+        stops being tried while training; ``KnobSample.log_probs`` are then those of that mixture
+        (the distribution the tuple was drawn from), so a GRPO loss weighs each decision by
+        ``policy / mixture`` as it weighs any off-policy sample. Stage 2 samples from its policy.
         """
         return self._run(language, budgets, greedy=False, num_generations=num_generations, latency_token_fn=latency_token_fn,
-                         generator=generator, temperature=temperature)
+                         generator=generator, temperature=temperature, stage1_exploration=stage1_exploration)
 
     @torch.inference_mode()
     def decide(self, language: torch.Tensor, budgets: Any, *, latency_token_fn: LatencyTokenFn | None = None) -> list[Knobs]:
@@ -791,7 +859,8 @@ class TwoStageController(PreTrainedModel):
             raise ValueError(f"got {len(knobs)} knob tuples for {n} rows ({n // num_generations} requests x {num_generations})")
         idx = self.knob_indices(knobs)
         context = self._stage2_context(language, latency_tokens, n)
-        logits = dict(self.stage1(language, code))
+        logits = self.stage1(language, code)
+        logits["insertion_position"] = self.stage1.insertion_position_logits(logits["features"], idx.get("tier"))
         logits.update(self.stage2(context, code, idx["insertion_position"]))
         zeros = language.new_zeros(n)
         per, ent = {}, {}
@@ -810,8 +879,19 @@ class TwoStageController(PreTrainedModel):
         """The greedy ``(tier, insertion_position)`` for each of ``B`` requests (stage 1 only)."""
         language = self._language(language)
         idx: dict[str, torch.Tensor] = {}
-        self._choose(self.stage1(language, self.budget_code(budgets, language.shape[0])), ("tier", "insertion_position"), True, None, idx, {})
+        self._stage1(language, self.budget_code(budgets, language.shape[0]), True, None, idx, {})
         return list(zip(*self._stage1_values(idx)))
+
+    @torch.no_grad()
+    def decide_insertion_position(self, language: torch.Tensor, budgets: Any, tiers: Sequence[str | None]) -> list[int]:
+        """The greedy ``insertion_position`` for each of ``B`` requests given its tier (``tiers``:
+        one per request, ``None`` entries for a model without tiers)."""
+        language = self._language(language)
+        n = language.shape[0]
+        s1 = self.stage1(language, self.budget_code(budgets, n))
+        tier_index = self._tier_index(tiers, n) if "tier" in s1 else None
+        index = self.stage1.insertion_position_logits(s1["features"], tier_index).argmax(-1)
+        return [self.knob_space.insertion_positions[i] for i in index.tolist()]
 
     @torch.no_grad()
     def decide_stage2(self, language: torch.Tensor, budgets: Any, stage1: Sequence[Knobs], *,

@@ -13,7 +13,10 @@ The loss (:meth:`KnobGRPOTrainer._compute_loss`) is a PPO-style clipped policy g
 the per-decision log-probabilities. By default every decision of a tuple gets the tuple's advantage,
 as every token of a GRPO completion does; with ``stage1_credit="greedy_stage2"`` each row also runs
 the tuple stage 2 would pick greedily after its (tier, p), stage 1 is credited with that tuple's
-reward against its group's mean and stage 2 with its own draw's reward against that tuple's.
+reward against its group's mean and stage 2 with its own draw's reward against that tuple's; with
+``"greedy_rest"`` the tier is credited with the greedy ``p`` after it (then stage 2 greedily) and
+``p`` with its own greedy stage-2 tuple against that. ``stage1_exploration`` mixes a uniform floor
+into stage 1's draws (and the loss weighs them by policy / mixture).
 Everything else (the repeat sampler that puts each prompt's G rows together, buffering for
 ``num_iterations > 1``, logging, checkpoints, ``push_to_hub``) is TRL's and transformers' own.
 """
@@ -334,41 +337,63 @@ class KnobGRPOTrainer(GRPOTrainer):
         language = prompt_features(executor, prompts).to(device)
 
         # features -> knobs (stage 1, the partial forward when stage 2 reads the latency token, stage 2)
-        prefixes: dict[int, PrefixState] = {}
+        states: dict[Any, PrefixState] = {}  # fused: one prefill per request and tier; naive: one per row
+        row_prefix: dict[int, PrefixState] = {}  # the prefill each row's tuples continue from
+        greedy_positions: list[int] = []  # stage1_credit="greedy_rest": the greedy p after each row's tier
+
+        def group_key(i: int, tier: Any) -> Any:
+            return (prompts[i], _image_key(images[i]), tier) if self.fused_rollouts else i
 
         def latency_token_fn(tiers: list, positions: list) -> torch.Tensor:
             # Fused: rows of one request that share a tier share one prefill, run to the largest p
-            # among them; each reads its latency token at its own p and later continues from there.
-            # Naive: one partial forward per row (and a full generate per row afterwards).
-            groups: dict[Any, list[int]] = {}
+            # among them (and among the greedy p after their tier); each reads its latency token at
+            # its own p and later continues from there. Naive: one partial forward per row (and a
+            # full generate per row afterwards).
+            if args.stage1_credit == "greedy_rest":
+                greedy_positions[:] = controller.decide_insertion_position(language, budgets, tiers)
+            deepest: dict[Any, int] = {}
+            for i, (tier, p) in enumerate(zip(tiers, positions)):
+                key = group_key(i, tier)
+                deepest[key] = max(deepest.get(key, 0), p, greedy_positions[i] if greedy_positions else 0)
             for i, tier in enumerate(tiers):
-                key = (prompts[i], _image_key(images[i]), tier) if self.fused_rollouts else i
-                groups.setdefault(key, []).append(i)
-            tokens: list[torch.Tensor | None] = [None] * len(tiers)
-            for rows in groups.values():
-                first = rows[0]
-                image = [images[first]] if images[first] is not None else None
-                deepest = max(positions[i] for i in rows)
-                state = executor.prefill(prompts[first], image, tier=tiers[first] if image is not None else None, insertion_position=deepest)
-                for i in rows:
-                    prefixes[i] = state
-                    tokens[i] = state.latency_token(positions[i])[0]
-            return torch.stack(tokens).to(device)
+                key = group_key(i, tier)
+                if key not in states:
+                    image = [images[i]] if images[i] is not None else None
+                    states[key] = executor.prefill(prompts[i], image, tier=tier if image is not None else None, insertion_position=deepest[key])
+                row_prefix[i] = states[key]
+            return torch.stack([row_prefix[i].latency_token(p)[0] for i, p in enumerate(positions)]).to(device)
 
         use_tokens = controller.stage2_mode == "latency_token"
         sample = controller.sample(language, budgets, latency_token_fn=latency_token_fn if use_tokens else None,
-                                   temperature=self.temperature)
-        # stage1_credit="greedy_stage2": also run what stage 2 would pick greedily after each row's (tier, p)
-        greedy = (controller.decide_stage2(language, budgets, sample.knobs, latency_tokens=sample.latency_tokens)
-                  if args.stage1_credit == "greedy_stage2" else [])
+                                   temperature=self.temperature,
+                                   stage1_exploration=args.stage1_exploration if mode == "train" else 0.0)
+        # stage1_credit: also run what stage 2 would pick greedily after each row's (tier, p)
+        # ("greedy_stage2"), and after each row's tier the greedy p, then stage 2 greedily ("greedy_rest")
+        greedy: list[Knobs] = []
+        rest: list[Knobs] = []
+        if args.stage1_credit in ("greedy_stage2", "greedy_rest"):
+            greedy = controller.decide_stage2(language, budgets, sample.knobs, latency_tokens=sample.latency_tokens)
+        if args.stage1_credit == "greedy_rest":
+            positions = greedy_positions or controller.decide_insertion_position(language, budgets, [k.tier for k in sample.knobs])
+            rest = list(greedy)
+            other = [i for i, (k, p) in enumerate(zip(sample.knobs, positions)) if p != k.insertion_position]
+            if other:
+                stage1 = [Knobs(tier=sample.knobs[i].tier, insertion_position=positions[i]) for i in other]
+                tokens = None
+                if use_tokens:  # the row's prefill reaches the greedy p: latency_token_fn ran it that far
+                    tokens = torch.stack([row_prefix[i].latency_token(k.insertion_position)[0] for i, k in zip(other, stage1)]).to(device)
+                decided = controller.decide_stage2(language[other], [budgets[i] for i in other], stage1, latency_tokens=tokens)
+                for i, knobs in zip(other, decided):
+                    rest[i] = knobs
 
         # knobs -> execution -> latency
-        # One job per row (its sampled tuple), then one per row for its greedy stage-2 tuple if asked.
+        # One job per row (its sampled tuple), then one per row for each greedy tuple asked for.
         # With a profile and greedy decoding, jobs of one request with the same tuple give the same
         # tokens and the same latency: run each distinct (request, tuple) once. (Measured latency
         # times every job alone, and sampling gives each its own draw.) Fused and greedy, the
         # distinct tuples continued from one prefix run as one batch.
-        jobs = list(enumerate(sample.knobs)) + list(enumerate(greedy))  # (row, tuple)
+        jobs = list(enumerate(sample.knobs)) + list(enumerate(greedy)) + list(enumerate(rest))  # (row, tuple)
+        prefixes = [row_prefix.get(i) for i, _ in jobs]  # per job
         reuse = self.latency_profile is not None and not self.executor_generation_kwargs.get("do_sample", False)
         answers = [repr(row.get("answer")) if args.answer_logprobs else None for row in inputs]  # scored rows differ by answer too
         keys = [(prompts[i], _image_key(images[i]), knobs, answers[i]) if reuse else j for j, (i, knobs) in enumerate(jobs)]
@@ -382,16 +407,16 @@ class KnobGRPOTrainer(GRPOTrainer):
         if reuse and self.fused_rollouts and args.batch_rollouts:
             by_prefix: dict[int, list[Any]] = {}
             for key, j in first_job.items():
-                by_prefix.setdefault(id(prefixes[jobs[j][0]]), []).append(key)
+                by_prefix.setdefault(id(prefixes[j]), []).append(key)
             for batch in by_prefix.values():
-                prefix = prefixes[jobs[first_job[batch[0]]][0]]
+                prefix = prefixes[first_job[batch[0]]]
                 batch_jobs = [first_job[key] for key in batch]
                 done.update(zip(batch, self._execute_rows(prefix, [jobs[j][1] for j in batch_jobs], [references[j] for j in batch_jobs])))
                 calls += 1
         for key, j in first_job.items():
             if key not in done:
                 i, knobs = jobs[j]
-                done[key] = self._execute(prompts[i], images[i], knobs, prefixes.get(i), references[j])
+                done[key] = self._execute(prompts[i], images[i], knobs, prefixes[j], references[j])
                 calls += 1
         self._metrics[mode]["executions_per_row"].append(len(done) / len(sample.knobs))
         self._metrics[mode]["generate_calls_per_row"].append(calls / len(sample.knobs))
@@ -407,20 +432,24 @@ class KnobGRPOTrainer(GRPOTrainer):
                     row["answer_logprob"] = logprob
             return completions, self._calculate_rewards(rows, prompts, completions, completion_ids)  # gathered
 
-        n = len(inputs)
-        completions, rewards_per_func = score(inputs, keys[:n], sample.knobs)
-        greedy_rewards_per_func = None
-        if greedy:  # what reward functions log (log_extra, log_metric) for these runs is dropped: the table has the sampled rows
+        def score_quietly(job_keys: list[Any], tuples: list[Knobs]) -> torch.Tensor:
+            # what reward functions log (log_extra, log_metric) for the greedy runs is dropped: the
+            # table has the sampled rows
             logged = self._pending_extra_logs, self._pending_metrics
             self._pending_extra_logs, self._pending_metrics = defaultdict(list), defaultdict(list)
             try:
-                greedy_rewards_per_func = score([dict(row) for row in inputs], keys[n:], greedy)[1]
+                return score([dict(row) for row in inputs], job_keys, tuples)[1]
             finally:
                 self._pending_extra_logs, self._pending_metrics = logged
+
+        n = len(inputs)
+        completions, rewards_per_func = score(inputs, keys[:n], sample.knobs)
+        greedy_rewards_per_func = score_quietly(keys[n: 2 * n], greedy) if greedy else None
+        rest_rewards_per_func = score_quietly(keys[2 * n:], rest) if rest else None
         latencies = [done[key][1] for key in keys[:n]]
 
-        # reward -> group-relative advantage (per decision with stage1_credit="greedy_stage2")
-        advantages, rewards = self._advantages(rewards_per_func, mode, greedy_rewards_per_func)
+        # reward -> group-relative advantage (per decision with stage1_credit other than "sampled")
+        advantages, rewards = self._advantages(rewards_per_func, mode, greedy_rewards_per_func, rest_rewards_per_func)
         process_slice = slice(self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts))
 
         self._log_generation(mode, prompts, completions, rewards_per_func, rewards, advantages, sample.knobs, latencies, budgets)
@@ -438,14 +467,17 @@ class KnobGRPOTrainer(GRPOTrainer):
             output["latency_tokens"] = sample.latency_tokens.to(device)
         return output
 
-    def _advantages(self, rewards_per_func: torch.Tensor, mode: str,
-                    greedy_rewards_per_func: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _advantages(self, rewards_per_func: torch.Tensor, mode: str, greedy_rewards_per_func: torch.Tensor | None = None,
+                    rest_rewards_per_func: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Weighted sum of the reward functions, centred on the group mean and scaled per ``scale_rewards``.
 
         Returns ``(advantages, rewards)``; ``advantages`` is ``(N,)``, one per tuple, or, given the
         rewards of the greedy stage-2 tuples (``stage1_credit="greedy_stage2"``), ``(N, 4)`` per
         decision: stage 1's two get the greedy tuple's reward against its group's mean, stage 2's
-        the sampled tuple's reward against the greedy one's. Both are divided by the same spread.
+        the sampled tuple's reward against the greedy one's. Given also the rewards of the tuples
+        with the greedy ``p`` after each row's tier (``"greedy_rest"``), the tier gets those against
+        their group's mean and ``p`` the greedy stage-2 tuple's reward against them. All are divided
+        by the same spread.
         """
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
 
@@ -460,10 +492,14 @@ class KnobGRPOTrainer(GRPOTrainer):
         rewards = weighted(rewards_per_func)
         if greedy_rewards_per_func is None:
             advantages = centred(rewards)
-        else:
+        elif rest_rewards_per_func is None:
             stage1_value = weighted(greedy_rewards_per_func)
             stage1, stage2 = centred(stage1_value), rewards - stage1_value
             advantages = torch.stack([stage1, stage1, stage2, stage2], dim=1)
+        else:  # each decision against the same tuple with itself taken greedily, the tier against its group
+            tier_value, position_value = weighted(rest_rewards_per_func), weighted(greedy_rewards_per_func)
+            advantages = torch.stack([centred(tier_value), position_value - tier_value, rewards - position_value,
+                                      rewards - position_value], dim=1)
         if self.scale_rewards == "group":
             grouped = rewards.view(-1, num_generations)
             spread = nanstd(grouped, dim=1).repeat_interleave(num_generations) if num_generations > 1 else torch.zeros_like(rewards)
@@ -524,7 +560,9 @@ class KnobGRPOTrainer(GRPOTrainer):
         """Per-decision log-probs ``(N, 4)``, entropies ``(N, 4)`` and the mask of decisions the space has."""
         index = inputs["knob_index"]
         positions = torch.tensor(self.knob_space.insertion_positions, device=index.device)[index[:, 1]]
-        out = model(inputs["language"], inputs["budgets"], insertion_positions=positions, latency_tokens=inputs.get("latency_tokens"))
+        tiers = [self.knob_space.tiers[i] for i in index[:, 0].tolist()] if self.knob_space.tiers else None
+        out = model(inputs["language"], inputs["budgets"], insertion_positions=positions, latency_tokens=inputs.get("latency_tokens"),
+                    tiers=tiers)
         logits = [out.tier_logits, out.insertion_position_logits, out.top_k_logits, out.num_active_blocks_logits]
         n = index.shape[0]
         logps, entropies, present = [], [], []

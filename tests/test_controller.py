@@ -44,12 +44,13 @@ def vlm_space(vlm):
 
 
 def make_controller(space: KnobSpace, mode: str, *, dim: int = 32, seed: int = 0, head_scale: float = 1.0, **kw) -> TwoStageController:
-    """A controller with random weights; ``head_scale`` sharpens or flattens its distributions."""
+    """A controller with random weights; ``head_scale`` sharpens or flattens its distributions (and
+    makes ``p``'s depend on the tier, which a new controller's do not)."""
     torch.manual_seed(seed)
     ctrl = TwoStageController(ControllerConfig(knob_space=space.to_dict(), language_dim=dim, stage2_mode=mode, budget_range=(100, 400), **kw))
     with torch.no_grad():
         for name, param in ctrl.named_parameters():
-            if "_head." in name:
+            if "_head." in name or "_by_tier." in name:
                 param.normal_(0.0, head_scale)
     return ctrl.eval()
 
@@ -203,6 +204,30 @@ def test_log_prob_is_sum_of_decisions_and_matches_sampling(mode, vlm_space):
         assert abs(lookup[knobs] - value) < 1e-5
 
 
+def test_insertion_position_is_drawn_given_the_tier(vlm_space):
+    """``p``'s distribution depends on the tier drawn with it; ``forward(tiers=...)`` gives the
+    logits ``log_probs`` scores a tuple with (the trainer's loss reads them), the likeliest tier's
+    by default; and a new controller starts with ``p`` independent of the tier."""
+    space = vlm_space
+    ctrl = make_controller(space, "prompt", seed=4, head_scale=2.0)
+    lang = torch.randn(1, 32, generator=torch.Generator().manual_seed(3))
+    by_tier = {}
+    for tier in space.tiers:
+        rows = [Knobs(tier, p, space.top_k_options[0], space.num_blocks) for p in space.insertion_positions]
+        lp = ctrl.log_probs(rows, lang.expand(len(rows), -1), 250.0).per_decision["insertion_position"]
+        out = ctrl(lang, 250.0, tiers=[tier])
+        torch.testing.assert_close(torch.log_softmax(out.insertion_position_logits, -1)[0], lp)
+        by_tier[tier] = lp.exp()
+    assert not torch.allclose(by_tier[space.tiers[0]], by_tier[space.tiers[-1]], atol=1e-2)
+    likeliest = space.tiers[int(ctrl(lang, 250.0).tier_logits.argmax())]
+    torch.testing.assert_close(torch.softmax(ctrl(lang, 250.0).insertion_position_logits, -1)[0], by_tier[likeliest])
+    with pytest.raises(ValueError, match="tier='ultra'"):
+        ctrl(lang, 250.0, tiers=["ultra"])
+    fresh = TwoStageController(ControllerConfig(knob_space=space.to_dict(), language_dim=32, budget_range=(100, 400)))
+    logits = [fresh(lang, 250.0, tiers=[t]).insertion_position_logits for t in space.tiers]
+    assert all(torch.equal(x, logits[0]) for x in logits)
+
+
 @pytest.mark.parametrize("mode", ["latency_token", "prompt"])
 def test_molmoe_space_distribution_sums_to_one(mode):
     ctrl = make_controller(MOLMOE_SPACE, mode, dim=2048, seed=1, head_scale=0.5)
@@ -236,6 +261,37 @@ def test_masked_block_options_have_probability_exactly_zero():
     assert lp.entropy["num_active_blocks"][-1].item() == 0.0  # p=5 allows 16 blocks only
     (lp.total.sum() + lp.entropy_total.sum()).backward()
     assert all(torch.isfinite(p.grad).all() for p in ctrl.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("mode", ["latency_token", "prompt"])
+def test_stage1_exploration_draws_from_the_mixture_and_reports_its_log_probs(mode, vlm_space):
+    """With ``stage1_exploration=e`` stage 1 draws from ``(1 - e) * policy + e * uniform``: an option
+    the policy all but excludes is drawn about ``e / options`` of the time, and each row reports the
+    log-probability of the mixture for stage 1 and of the policy for stage 2."""
+    space = vlm_space
+    ctrl = steer(make_controller(space, mode), Knobs(space.tiers[-1], space.insertion_positions[-1], space.top_k_options[0], space.num_blocks))
+    fn = token_table(space, 32)
+    lang = torch.randn(1, 32, generator=torch.Generator().manual_seed(2))
+    n, e = 20000, 0.3
+    plain = ctrl.sample(lang, 250.0, num_generations=n, latency_token_fn=fn, generator=torch.Generator().manual_seed(0))
+    assert all(k.tier == space.tiers[-1] for k in plain.knobs[:2000])  # bias 10: the others have probability ~5e-5 each
+    mixed = ctrl.sample(lang, 250.0, num_generations=n, latency_token_fn=fn, generator=torch.Generator().manual_seed(0),
+                        stage1_exploration=e)
+    policy = ctrl.log_probs(mixed.knobs, lang, 250.0, num_generations=n, latency_tokens=mixed.latency_tokens)
+    for name, options in (("tier", space.tiers), ("insertion_position", space.insertion_positions)):
+        drawn = collections.Counter(getattr(k, name) for k in mixed.knobs)
+        for option in options[:-1]:  # options the policy excludes: the floor alone
+            share = e / len(options)
+            assert abs(drawn[option] / n - share) < 5 * math.sqrt(share * (1 - share) / n), (name, option, drawn)
+        mixture = torch.log((1 - e) * policy.per_decision[name].exp() + e / len(options))
+        torch.testing.assert_close(mixed.log_probs[name], mixture.detach())
+    for name in ("top_k", "num_active_blocks"):  # stage 2 still samples its policy
+        torch.testing.assert_close(mixed.log_probs[name], policy.per_decision[name].detach())
+    assert all(space.validate(k) == k for k in mixed.knobs[:2000])
+    assert ctrl.decide(lang, 250.0, latency_token_fn=fn)[0].tier == space.tiers[-1]  # greedy decisions have no floor
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=re.escape(f"stage1_exploration={bad!r} must be a number in [0, 1)")):
+            ctrl.sample(lang, 250.0, latency_token_fn=fn, stage1_exploration=bad)
 
 
 # --------------------------------------------------------------------------- budgets

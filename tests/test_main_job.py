@@ -59,18 +59,19 @@ def check_outputs(out, budgets=(20.0, 60.0)):
 
 
 def test_train_script_defaults_and_overrides(tmp_path, monkeypatch):
-    """The script's own defaults (dense answer reward, rewards not divided by the group's spread, stage 1
-    credited through greedy stage-2 tuples, groups of 6), and
+    """The script's own defaults (dense answer reward, rewards not divided by the group's spread, each
+    decision credited through greedy later decisions, an exploration floor for stage 1, groups of 6), and
     the command line and a YAML file override them as for any TRL script."""
     spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "examples", "train.py"))
     train_script = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, train_script)  # dataclasses look their module up there
     spec.loader.exec_module(train_script)
     script, args = train_script.parse_args(["--output_dir", str(tmp_path)])
-    assert script.answer_probability is True and args.scale_rewards == "none" and args.stage1_credit == "greedy_stage2"
-    assert (args.num_generations, args.per_device_train_batch_size) == (6, 12)
+    assert script.answer_probability is True and args.scale_rewards == "none" and args.stage1_credit == "greedy_rest"
+    assert (args.stage1_exploration, args.num_generations, args.per_device_train_batch_size) == (0.1, 6, 12)
     library = KnobGRPOConfig(output_dir=str(tmp_path))  # the library keeps TRL's defaults
     assert library.scale_rewards == "group" and library.stage1_credit == "sampled" and library.num_generations == 8
+    assert library.stage1_exploration == 0.0
     script, args = train_script.parse_args(["--output_dir", str(tmp_path), "--scale_rewards", "group", "--answer_probability", "false"])
     assert script.answer_probability is False and args.scale_rewards == "group"
     (tmp_path / "run.yaml").write_text("scale_rewards: batch\n")

@@ -100,14 +100,17 @@ def test_group_advantages_and_rows_a_reward_declines(tmp_path):
 
 
 @pytest.mark.parametrize("stage2_mode", ["prompt", "latency_token"])
-def test_greedy_stage2_credit_gives_each_stage_its_own_advantage(tmp_path, stage2_mode):
+@pytest.mark.parametrize("credit", ["greedy_stage2", "greedy_rest"])
+def test_greedy_credit_gives_each_decision_its_own_advantage(tmp_path, stage2_mode, credit):
     """stage1_credit="greedy_stage2": stage 1's decisions get the reward of the row's (tier, p) with
-    stage 2's argmax against the group's mean, stage 2's the sampled tuple's reward against that."""
+    stage 2's argmax against the group's mean, stage 2's the sampled tuple's reward against that.
+    "greedy_rest": p gets that reward against the reward of the greedy p (then stage 2's argmax), and
+    the tier (absent on this model, so masked in the loss) the latter against the group's mean."""
     def compute_reward(knobs, latency_ms, **kwargs):
         return [k["top_k"] + 0.5 * k["num_active_blocks"] + 0.25 * k["insertion_position"] for k in knobs]
 
     trainer, controller, executor = make_trainer(tmp_path, stage2_mode, reward_funcs=[compute_reward], scale_rewards="none",
-                                                 stage1_credit="greedy_stage2")
+                                                 stage1_credit=credit)
     generated = []
     generate = executor.generate
     executor.generate = lambda *a, **k: generated.append(1) or generate(*a, **k)
@@ -118,28 +121,46 @@ def test_greedy_stage2_credit_gives_each_stage_its_own_advantage(tmp_path, stage
     torch.manual_seed(0)
     out = trainer._generate_and_score_completions(rows)
     assert out["advantages"].shape == (16, 4)
-
-    # stage 2's argmax after each row's own (tier, p), from the controller's logits
-    positions = [r["knobs"]["insertion_position"] for r in rows]
-    with torch.no_grad():
-        logits = controller(out["language"], out["budgets"], insertion_positions=positions, latency_tokens=out.get("latency_tokens"))
     space = executor.knob_space
-    greedy = [dict(r["knobs"], top_k=space.top_k_options[int(k)], num_active_blocks=space.all_block_options[int(b)])
-              for r, k, b in zip(rows, logits.top_k_logits.argmax(-1), logits.num_active_blocks_logits.argmax(-1))]
+
+    def stage2_argmax(positions):  # stage 2's argmax after each row's tier and the given p, from the controller's logits
+        tokens = None
+        if stage2_mode == "latency_token":
+            tokens = torch.cat([executor.prefill(r["prompt"], insertion_position=p).latency_token(p) for r, p in zip(rows, positions)])
+        with torch.no_grad():
+            logits = controller(out["language"], out["budgets"], insertion_positions=positions, latency_tokens=tokens)
+        return [dict(r["knobs"], insertion_position=p, top_k=space.top_k_options[int(k)], num_active_blocks=space.all_block_options[int(b)])
+                for r, p, k, b in zip(rows, positions, logits.top_k_logits.argmax(-1), logits.num_active_blocks_logits.argmax(-1))]
+
+    def group_centred(values):
+        return values - values.view(2, 8).mean(1).repeat_interleave(8)
+
+    greedy = stage2_argmax([r["knobs"]["insertion_position"] for r in rows])
     sampled_reward = torch.tensor(compute_reward([r["knobs"] for r in rows], None))
     greedy_reward = torch.tensor(compute_reward(greedy, None))
-    stage1 = greedy_reward - greedy_reward.view(2, 8).mean(1).repeat_interleave(8)
-    assert torch.allclose(out["advantages"][:, 0], stage1) and torch.allclose(out["advantages"][:, 1], stage1)
     assert torch.allclose(out["advantages"][:, 2], sampled_reward - greedy_reward)
     assert torch.allclose(out["advantages"][:, 3], sampled_reward - greedy_reward)
-    assert not torch.allclose(stage1, sampled_reward - sampled_reward.view(2, 8).mean(1).repeat_interleave(8))  # not plain GRPO
+    ran = [r["knobs"] for r in rows] + greedy
+    if credit == "greedy_stage2":
+        stage1 = group_centred(greedy_reward)
+        assert torch.allclose(out["advantages"][:, 0], stage1) and torch.allclose(out["advantages"][:, 1], stage1)
+        assert not torch.allclose(stage1, group_centred(sampled_reward))  # not plain GRPO
+    else:
+        with torch.no_grad():
+            best_p = controller(out["language"], out["budgets"]).insertion_position_logits.argmax(-1)
+        rest = stage2_argmax([space.insertion_positions[int(i)] for i in best_p])
+        assert any(r["knobs"]["insertion_position"] != g["insertion_position"] for r, g in zip(rows, rest))
+        rest_reward = torch.tensor(compute_reward(rest, None))
+        assert torch.allclose(out["advantages"][:, 0], group_centred(rest_reward))
+        assert torch.allclose(out["advantages"][:, 1], greedy_reward - rest_reward)
+        ran += rest
     # a greedy tuple some row also drew runs once
-    runs = {(r["prompt"], tuple(sorted(k.items()))) for r, k in zip(rows + rows, [r["knobs"] for r in rows] + greedy)}
-    assert len(generated) == len(runs) < 32
+    runs = {(r["prompt"], tuple(sorted(k.items()))) for r, k in zip(rows * 3, ran)}
+    assert len(generated) == len(runs) < len(ran)
     assert trainer._metrics["train"]["executions_per_row"][-1] == len(runs) / 16
 
 
-@pytest.mark.parametrize("stage1_credit", ["sampled", "greedy_stage2"])
+@pytest.mark.parametrize("stage1_credit", ["sampled", "greedy_stage2", "greedy_rest"])
 def test_what_reward_functions_log_reaches_the_table_and_the_metrics(tmp_path, stage1_credit):
     """TRL's log_extra and log_metric: a column per sampled row beside the completions, and a metric
     (the greedy stage-2 runs' rewards are computed but not logged)."""
@@ -159,9 +180,35 @@ def test_what_reward_functions_log_reaches_the_table_and_the_metrics(tmp_path, s
     assert trainer._metrics["train"]["top_k_scored/mean"] == [pytest.approx(sum(top_k) / 16)]
 
 
-def test_stage1_credit_is_checked():
-    with pytest.raises(ValueError, match="stage1_credit='tuple'; allowed: 'sampled', 'greedy_stage2'"):
+@pytest.mark.parametrize("exploration", [0.0, 0.3])
+def test_stage1_exploration_brings_back_an_option_the_policy_gave_up(tmp_path, exploration):
+    """Stage 1 starts all but certain of p=2, with which nothing fits the low budget (every row there
+    ties at -1, so GRPO has nothing to learn from). The floor keeps drawing p=1, the only position
+    that fits, and the importance-weighted loss moves the policy to it; without it, p=1 is never
+    drawn and the policy stays. No entropy bonus, so nothing else pulls the policy off p=2."""
+    trainer, controller, executor = make_trainer(tmp_path, max_steps=24, entropy_coef=0.0, stage1_exploration=exploration)
+    with torch.no_grad():
+        head = controller.stage1.insertion_position_head
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([-5.0, 5.0]))  # P(p=1) = 4.5e-5
+    assert greedy(controller, executor, [LOW])[0].insertion_position == 2
+    trainer.train()
+    at_low = [h["knobs/insertion_position=1"] for h in trainer.state.log_history if "knobs/insertion_position=1" in h]
+    low = greedy(controller, executor, [LOW])[0]
+    if exploration:
+        assert (low.insertion_position, low.top_k) == (1, 2)  # the only tuples that fit 72 ms
+        assert sum(at_low[-3:]) / 3 > 0.3
+    else:
+        assert low.insertion_position == 2
+        assert max(at_low) == 0.0
+
+
+def test_stage1_options_are_checked():
+    with pytest.raises(ValueError, match="stage1_credit='tuple'; allowed: 'sampled', 'greedy_stage2', 'greedy_rest'"):
         KnobGRPOConfig(output_dir="unused", stage1_credit="tuple")
+    for bad in (1.0, -0.5):
+        with pytest.raises(ValueError, match=fr"stage1_exploration={bad!r} must be a number in \[0, 1\)"):
+            KnobGRPOConfig(output_dir="unused", stage1_exploration=bad)
 
 
 @pytest.mark.parametrize("setting,message", [
@@ -213,6 +260,33 @@ def test_temperature_samples_and_scores_the_same_distribution(tmp_path, stage2_m
     language = prompt_features(trainer.executor, PROMPTS[:1])
     with pytest.raises(ValueError, match="temperature=-1.0 must be a finite number > 0"):
         controller.sample(language, [HIGH], temperature=-1.0, latency_token_fn=lambda tiers, ps: out["latency_tokens"][:1])
+
+
+def test_the_loss_scores_p_given_the_tier_it_was_drawn_with(tmp_path):
+    """On a model with tiers, the loss's log-probabilities of every decision are the ones sampled
+    (ratio 1 before any update), ``p``'s included, which depends on the row's tier."""
+    from tiny import tiny_image, tiny_vlm
+
+    executor = AdaptiveModel(*tiny_vlm(moe=True))
+    torch.manual_seed(0)
+    controller = TwoStageController.for_executor(executor, stage2_mode="latency_token", budget_range=(50.0, 150.0))
+    with torch.no_grad():
+        for name, param in controller.named_parameters():
+            if "_head." in name or "_by_tier." in name:
+                param.normal_(0.0, 2.0 if "_by_tier." in name else 0.3)
+    dataset = Dataset.from_dict({"prompt": [PROMPTS[0]] * 8, "budget": [HIGH] * 8, "image": [tiny_image(1)] * 8})
+    args = KnobGRPOConfig(output_dir=str(tmp_path / "out"), num_generations=8, per_device_train_batch_size=8, max_steps=1,
+                          max_completion_length=2, budget_min_ms=50.0, budget_max_ms=150.0, image_column="image")
+    trainer = KnobGRPOTrainer(controller, executor, [gated_quality_reward], args=args, train_dataset=dataset,
+                              latency_profile=known_profile(executor))
+    trainer.model.train()
+    torch.manual_seed(1)
+    out = trainer._generate_and_score_completions(list(dataset))
+    tiers = out["knob_index"][:, 0]
+    assert len(set(tiers.tolist())) > 1  # rows of different tiers
+    logp, _, present = trainer._decision_log_probs(trainer.model, out)
+    assert present.all()
+    torch.testing.assert_close(logp, out["old_log_probs"])
 
 
 def _loss_inputs(trainer, offsets, advantages):
