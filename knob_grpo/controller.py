@@ -625,16 +625,20 @@ class TwoStageController(PreTrainedModel):
             raise ValueError(f"latency tokens must be ({n}, {self.config.latency_token_dim}), got {tuple(tokens.shape)}")
         return tokens.to(device=self._param.device, dtype=self._param.dtype)
 
+    def _option_index(self, knob: str, values: Sequence[Any]) -> torch.Tensor:
+        """Option indices of ``values`` of one knob (a ``ValueError`` names a value not allowed)."""
+        options = self.knob_space.options(knob)
+        return torch.tensor([options.index(self.knob_space.check_value(knob, v)) for v in values], device=self._param.device)
+
     def _tier_index(self, tiers: Any, n: int) -> torch.Tensor:
         tiers = [tiers] * n if isinstance(tiers, str) else list(tiers)
         if len(tiers) != n:
             raise ValueError(f"got {len(tiers)} tiers for {n} rows")
-        return torch.tensor([self.knob_space.tiers.index(self.knob_space.check_value("tier", t)) for t in tiers], device=self._param.device)
+        return self._option_index("tier", tiers)
 
     def _p_index(self, insertion_positions: Any) -> torch.Tensor:
-        options = self.knob_space.insertion_positions
         values = insertion_positions.tolist() if isinstance(insertion_positions, torch.Tensor) else list(insertion_positions)
-        return torch.tensor([options.index(self.knob_space.check_value("insertion_position", int(p))) for p in values], device=self._param.device)
+        return self._option_index("insertion_position", [int(p) for p in values])
 
     def _stage2_context(self, language: torch.Tensor, latency_tokens: Any, n: int) -> torch.Tensor:
         if self.stage2_mode == "prompt":
@@ -665,11 +669,8 @@ class TwoStageController(PreTrainedModel):
         language = self._language(language)
         n = language.shape[0]
         code = self.budget_code(budgets, n)
-        s1 = self.stage1(language, code)
-        tier_index = None
-        if "tier" in s1:
-            tier_index = s1["tier"].argmax(-1) if tiers is None else self._tier_index(tiers, n)
-        s1["insertion_position"] = self.stage1.insertion_position_logits(s1["features"], tier_index)
+        tier_index = self._tier_index(tiers, n) if tiers is not None and self.knob_space.tiers else None
+        s1 = self._stage1_logits(language, code, tier_index)
         s2: dict[str, torch.Tensor] = {}
         if insertion_positions is not None:
             context = self._stage2_context(language, latency_tokens, n)
@@ -732,6 +733,15 @@ class TwoStageController(PreTrainedModel):
             # multinomial never draws a zero-probability (masked) option
             idx[name] = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
             logps[name] = logp.gather(-1, idx[name].unsqueeze(-1)).squeeze(-1)
+
+    def _stage1_logits(self, language: torch.Tensor, code: torch.Tensor, tier_index: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Stage 1's logits: the tier's, and ``p``'s given each row's tier (option index; the
+        likeliest tier when ``None``)."""
+        s1 = self.stage1(language, code)
+        if tier_index is None and "tier" in s1:
+            tier_index = s1["tier"].argmax(-1)
+        s1["insertion_position"] = self.stage1.insertion_position_logits(s1["features"], tier_index)
+        return s1
 
     def _stage1(self, language: torch.Tensor, code: torch.Tensor, greedy: bool, generator: torch.Generator | None,
                 idx: dict[str, torch.Tensor], logps: dict[str, torch.Tensor], temperature: float = 1.0, exploration: float = 0.0) -> None:
@@ -859,8 +869,7 @@ class TwoStageController(PreTrainedModel):
             raise ValueError(f"got {len(knobs)} knob tuples for {n} rows ({n // num_generations} requests x {num_generations})")
         idx = self.knob_indices(knobs)
         context = self._stage2_context(language, latency_tokens, n)
-        logits = self.stage1(language, code)
-        logits["insertion_position"] = self.stage1.insertion_position_logits(logits["features"], idx.get("tier"))
+        logits = self._stage1_logits(language, code, idx.get("tier"))
         logits.update(self.stage2(context, code, idx["insertion_position"]))
         zeros = language.new_zeros(n)
         per, ent = {}, {}
@@ -888,9 +897,8 @@ class TwoStageController(PreTrainedModel):
         one per request, ``None`` entries for a model without tiers)."""
         language = self._language(language)
         n = language.shape[0]
-        s1 = self.stage1(language, self.budget_code(budgets, n))
-        tier_index = self._tier_index(tiers, n) if "tier" in s1 else None
-        index = self.stage1.insertion_position_logits(s1["features"], tier_index).argmax(-1)
+        tier_index = self._tier_index(tiers, n) if self.knob_space.tiers else None
+        index = self._stage1_logits(language, self.budget_code(budgets, n), tier_index)["insertion_position"].argmax(-1)
         return [self.knob_space.insertion_positions[i] for i in index.tolist()]
 
     @torch.no_grad()

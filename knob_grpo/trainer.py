@@ -39,7 +39,7 @@ from trl.trainer.utils import nanstd
 
 from .adaptive import AdaptiveModel, PrefixState
 from .config import KnobGRPOConfig
-from .controller import TwoStageController, prompt_features
+from .controller import TwoStageController, _entropy, prompt_features
 from .knobs import KNOB_NAMES, Knobs
 from .latency import LatencyMeter, LatencyProfile
 from .rewards import _references
@@ -574,8 +574,7 @@ class KnobGRPOTrainer(GRPOTrainer):
                 continue
             logp = _log_softmax(decision_logits / self.temperature)  # the distribution the tuple was sampled from
             logps.append(logp.gather(-1, index[:, j : j + 1]).squeeze(-1))
-            p = logp.exp()
-            entropies.append(-(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1))
+            entropies.append(_entropy(logp))
             present.append(True)
         mask = torch.tensor(present, device=index.device)
         return torch.stack(logps, 1), torch.stack(entropies, 1), mask
