@@ -9,7 +9,13 @@ measures in the same run:
   not counted), median over many repeats;
 * ``cheapest generate``: ``adaptive.generate`` of one prompt and image at
   ``knob_space.cheapest()`` with 8 new tokens (``min_new_tokens=8`` so every run makes 8),
-  median over repeats.
+  median over repeats;
+* ``in a request``: what deciding adds to a request's time to first token, on the real path
+  (``measure_decision_overhead``: prompt features, stage 1, stage 2 at block ``p`` inside the one
+  generate, against the static run of the same knobs), with the greedy decisions computed in NumPy
+  (what ``decide_and_generate`` uses for a float32 controller on the CPU) and in PyTorch,
+  alternated over three rounds. Between two forwards of the executor the controller's small ops
+  run several times slower than in the loops above, which is why this is the figure to budget for.
 
 It also prints the parameters per stage for that controller and for one sized for a d_model-2048
 MolmoE-like knob space (built from a config alone, no executor). Headline figures come last,
@@ -36,6 +42,7 @@ import torch
 from knob_grpo.adaptive import AdaptiveModel
 from knob_grpo.controller import ControllerConfig, TwoStageController, prompt_features
 from knob_grpo.knobs import KnobSpace
+from knob_grpo.profiling import measure_decision_overhead
 
 PROMPT = "what colour is the circle ?"
 
@@ -62,6 +69,17 @@ def test_image():
         from PIL import Image
 
         return Image.new("RGB", (64, 64), (200, 30, 30))
+
+
+def request_rows(image, n: int = 12) -> list[dict]:
+    """Requests to time the decision in: the embedded task's validation questions, else PROMPT on ``image``."""
+    try:
+        from knob_grpo.embedded import make_task_dataset
+
+        data = make_task_dataset("validation", n)
+        return [data[i] for i in range(n)]
+    except Exception:
+        return [{"prompt": PROMPT, "image": image}] * n
 
 
 def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
@@ -122,6 +140,16 @@ def main() -> None:
         warmup=1,
     )
 
+    # what deciding adds inside a request, NumPy greedy path against PyTorch's, alternated
+    rows = request_rows(image)
+    in_request = {True: [], False: []}
+    for _ in range(3):
+        for numpy_path in (True, False):
+            ctrl._numpy_decisions = numpy_path
+            in_request[numpy_path].append(measure_decision_overhead(adaptive, ctrl, rows, repeats=3))
+    ctrl._numpy_decisions = True
+    overhead_numpy, overhead_torch = (statistics.median(in_request[k]) for k in (True, False))
+
     counts = ctrl.num_parameters_per_stage()
     prompt_counts = prompt_ctrl.num_parameters_per_stage()
     molmoe_counts = molmoe.num_parameters_per_stage()
@@ -141,10 +169,14 @@ def main() -> None:
     print(f"  greedy decision, d_model-2048 controller:               {decision_molmoe * 1e6:.0f} us")
     print(f"  partial prefill to p={first.insertion_position} (tier {first.tier}), not in the decision: {prefill * 1e3:.1f} ms")
     print(f"  cheapest generate {cheapest}, 8 new tokens: {generate * 1e3:.1f} ms")
+    print(f"  added to a request's time to first token, {len(rows)} requests (rounds: NumPy "
+          f"{', '.join(f'{v:.2f}' for v in in_request[True])} ms; PyTorch {', '.join(f'{v:.2f}' for v in in_request[False])} ms)")
     print(f"  benchmark wall time: {time.perf_counter() - t0:.1f} s")
     print()
     print(f"decision_fraction_of_cheapest_generate = {decision / generate:.4f} (goal < 0.01)")
     print(f"decision_us = {decision * 1e6:.0f} (goal: report)")
+    print(f"decision_in_request_ms_numpy = {overhead_numpy:.2f} (goal: report; PyTorch path {overhead_torch:.2f})")
+    print(f"decision_in_request_numpy_over_pytorch = {overhead_numpy / max(overhead_torch, 1e-9):.2f} (goal < 1)")
     print(f"decision_us_molmoe_width_cpu = {decision_molmoe * 1e6:.0f} (goal: report; research target < 200 on a GPU)")
     print(f"cheapest_generate_ms = {generate * 1e3:.1f} (goal: report)")
     print(f"stage1_params_molmoe_width = {molmoe_counts['stage1'] / 1e6:.2f}M (goal <= 1.2M)")

@@ -66,6 +66,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, GenerationConfig, PretrainedConfig, PreTrainedModel
@@ -217,10 +218,13 @@ def prompt_features(adaptive: Any, texts: str | Sequence[str]) -> torch.Tensor:
     if len(texts) > 1 and getattr(tokenizer, "pad_token_id", None) is not None:
         enc = tokenizer(texts, return_tensors="pt", padding=True)
         return language_features(adaptive.input_embeddings, enc["input_ids"], enc["attention_mask"])
+    # no pad token (or a single prompt): one row at a time, no padding needed. A fast tokenizer's own
+    # backend gives the same ids as its __call__ in a fraction of the time (this runs inside a request)
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
     rows = []
-    for t in texts:  # no pad token (or a single prompt): one row at a time, no padding needed
-        enc = tokenizer(t, return_tensors="pt")
-        rows.append(language_features(adaptive.input_embeddings, enc["input_ids"], enc["attention_mask"]))
+    for t in texts:
+        ids = torch.tensor([backend.encode(t).ids], dtype=torch.long) if backend is not None else tokenizer(t, return_tensors="pt")["input_ids"]
+        rows.append(language_features(adaptive.input_embeddings, ids))
     return torch.cat(rows, 0)
 
 
@@ -407,6 +411,119 @@ class Stage2Policy(nn.Module):
         return out
 
 
+# =========================================================================== greedy decisions in NumPy
+def _silu(x: np.ndarray) -> np.ndarray:
+    half = 0.5 * x  # x * sigmoid(x) written with tanh: no overflow for large negative x
+    return half + half * np.tanh(half)
+
+
+class _NumpyGreedy:
+    """Greedy decisions of a float32 CPU controller, computed with NumPy on views of its parameters.
+
+    A decision runs inside the request it decides for, between forwards of the executor, where each
+    of its ~50 small PyTorch ops runs several times slower than in a loop (cold caches, dispatch).
+    On the embedded default deciding added 1.2-1.4 ms to a 13 ms request that way; the same
+    arithmetic in NumPy adds about half of that. The arrays share memory with the parameters, so
+    optimizer steps and ``load_state_dict`` show through; :meth:`TwoStageController._numpy_greedy`
+    builds new views when a parameter is replaced or its storage changes (``.to()``, ``.double()``).
+    Same argmax as the PyTorch path except where two logits tie to float32 rounding.
+    """
+
+    def __init__(self, controller: "TwoStageController") -> None:
+        # every parameter and buffer: the dict that holds it, its name there, the tensor, its memory
+        self.slots = [(table, name, t, t.data_ptr()) for module in controller.modules()
+                      for table in (module._parameters, module._buffers) for name, t in table.items() if t is not None]
+        self.controller = controller
+        # NumPy reads float32 CPU memory in place; anything else (a GPU, bf16) decides in PyTorch
+        self.applies = all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bool) for _, _, t, _ in self.slots)
+        if not self.applies:
+            return
+
+        def view(t: torch.Tensor) -> np.ndarray:
+            return t.detach().numpy()
+
+        def mlp(seq: nn.Sequential) -> list[tuple[np.ndarray, np.ndarray]]:
+            return [(view(m.weight), view(m.bias)) for m in seq if isinstance(m, nn.Linear)]
+
+        def norm(ln: nn.LayerNorm) -> tuple[np.ndarray, np.ndarray, float]:
+            return view(ln.weight), view(ln.bias), ln.eps
+
+        enc, s1, s2 = controller.budget_encoding, controller.stage1, controller.stage2
+        self.frequencies = view(enc.frequencies)
+        self.lo, self.inv_span, self.clamp = np.float32(enc.min_ms), np.float32(1.0 / (enc.max_ms - enc.min_ms)), enc.clamp
+        self.s1_norm, self.s1_language, self.s1_budget, self.s1_trunk = norm(s1.language_norm), mlp(s1.language_proj), mlp(s1.budget_mlp), mlp(s1.trunk)
+        self.tier_head = None if s1.tier_head is None else (view(s1.tier_head.weight), view(s1.tier_head.bias))
+        self.p_head = view(s1.insertion_position_head.weight), view(s1.insertion_position_head.bias)
+        self.p_by_tier = None if s1.insertion_position_by_tier is None else view(s1.insertion_position_by_tier.weight)
+        self.s2_norm, self.s2_context, self.s2_budget, self.s2_trunk = norm(s2.context_norm), mlp(s2.context_proj), mlp(s2.budget_mlp), mlp(s2.trunk)
+        self.position_embedding = view(s2.position_embedding.weight)
+        self.top_k_head = None if s2.top_k_head is None else (view(s2.top_k_head.weight), view(s2.top_k_head.bias))
+        self.blocks_head = view(s2.num_active_blocks_head.weight), view(s2.num_active_blocks_head.bias)
+        self.invalid_blocks = view(s2.invalid_blocks)
+
+    def is_current(self) -> bool:
+        """Still the controller's tensors, in the same memory (not replaced, moved or cast)."""
+        return all(table.get(name) is t and t.data_ptr() == pointer for table, name, t, pointer in self.slots)
+
+    @staticmethod
+    def _layer_norm(x: np.ndarray, params: tuple[np.ndarray, np.ndarray, float]) -> np.ndarray:
+        mean = x.mean(-1, keepdims=True)
+        centred = x - mean
+        return centred / np.sqrt((centred * centred).mean(-1, keepdims=True) + params[2]) * params[0] + params[1]
+
+    @staticmethod
+    def _mlp(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:
+        for weight, bias in layers:  # nn.Linear then SiLU, as _mlp builds them
+            x = _silu(x @ weight.T + bias)
+        return x
+
+    @staticmethod
+    def language(adaptive: Any, text: str) -> np.ndarray:
+        """:func:`prompt_features` of one text, ``(1, language_dim)``: NumPy on the executor's float32
+        CPU embedding table with a fast tokenizer's backend, else :func:`prompt_features` itself."""
+        tokenizer, table = adaptive.tokenizer, _embedding_of(adaptive).weight
+        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        if backend is None or table.dtype != torch.float32 or table.device.type != "cpu":
+            return prompt_features(adaptive, [text]).numpy()
+        ids = backend.encode(text).ids
+        if not ids:
+            return np.zeros((1, table.shape[1]), dtype=np.float32)
+        return table.detach().numpy()[ids].mean(0, keepdims=True)
+
+    def budget_code(self, budgets: list[float]) -> np.ndarray:
+        """:meth:`TwoStageController.budget_code` (budgets already checked)."""
+        scaled = np.asarray(budgets, dtype=np.float32) / np.float32(self.controller._latency_scale)
+        x = (scaled - self.lo) * self.inv_span
+        if self.clamp:
+            x = np.clip(x, np.float32(0.0), np.float32(1.0))
+        x = x[:, None]
+        angles = x * self.frequencies
+        return np.concatenate([np.sin(angles), np.cos(angles), x], axis=-1)
+
+    def stage1(self, language: np.ndarray, code: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """Option indices of the greedy tier (``None`` without tiers) and of ``p`` given it, per row."""
+        x = np.concatenate([self._mlp(self.s1_language, self._layer_norm(language, self.s1_norm)), self._mlp(self.s1_budget, code)], axis=-1)
+        h = self._mlp(self.s1_trunk, x)
+        p_logits = h @ self.p_head[0].T + self.p_head[1]
+        if self.tier_head is None:
+            return None, p_logits.argmax(-1)
+        tier = (h @ self.tier_head[0].T + self.tier_head[1]).argmax(-1)
+        by_tier = (h @ self.p_by_tier.T).reshape(h.shape[0], -1, p_logits.shape[-1])
+        return tier, (p_logits + by_tier[np.arange(h.shape[0]), tier]).argmax(-1)
+
+    def stage2_budget_part(self, code: np.ndarray, p_index: int) -> np.ndarray:
+        """What stage 2 reads besides its context, for one row: budget MLP and ``p``'s embedding."""
+        return np.concatenate([self._mlp(self.s2_budget, code)[0], self.position_embedding[p_index]])
+
+    def stage2(self, context: np.ndarray, budget_part: np.ndarray, p_index: int) -> tuple[int | None, int]:
+        """Option indices of the greedy ``top_k`` (``None`` without it) and ``num_active_blocks`` for one row."""
+        h = self._mlp(self.s2_trunk, np.concatenate([self._mlp(self.s2_context, self._layer_norm(context, self.s2_norm)), budget_part]))
+        blocks = h @ self.blocks_head[0].T + self.blocks_head[1]
+        blocks[self.invalid_blocks[p_index]] = -np.inf
+        top_k = None if self.top_k_head is None else int((h @ self.top_k_head[0].T + self.top_k_head[1]).argmax())
+        return top_k, int(blocks.argmax())
+
+
 def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Log-softmax where ``-inf`` logits (masked options) give exactly ``-inf`` (probability 0)."""
     valid = torch.isfinite(logits)
@@ -489,6 +606,26 @@ class TwoStageController(PreTrainedModel):
     @latency_scale.setter
     def latency_scale(self, value: float) -> None:
         self._latency_scale = _check_budget(value, "latency_scale")  # a finite number > 0, as a budget is
+
+    # ------------------------------------------------------------------ the NumPy twin of the greedy decisions
+    def _numpy_greedy(self) -> _NumpyGreedy | None:
+        """The NumPy implementation of the one-request greedy decisions (:class:`_NumpyGreedy`), or
+        ``None`` where it does not apply (parameters not float32 on the CPU, or
+        ``_numpy_decisions`` switched off) and the PyTorch path decides."""
+        if not self.__dict__.get("_numpy_decisions", True):
+            return None
+        cached = self.__dict__.get("_numpy_cache")
+        if cached is None or not cached.is_current():
+            self.__dict__["_numpy_cache"] = cached = _NumpyGreedy(self)
+        return cached if cached.applies else None
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "TwoStageController":
+        self.__dict__.pop("_numpy_cache", None)  # .to(), .double(), .cuda(): new storage, new views
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self.__dict__.pop("_numpy_cache", None)  # assign=True replaces the parameters themselves
+        return super().load_state_dict(*args, **kwargs)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -602,6 +739,11 @@ class TwoStageController(PreTrainedModel):
     def budget_tensor(self, budgets: Any, n: int) -> torch.Tensor:
         """Budgets (ms) as a float tensor of ``n`` rows; a ``ValueError`` names a budget that is
         zero, negative, NaN or infinite."""
+        return torch.tensor(self._budget_values(budgets, n), dtype=torch.float32, device=self._param.device)
+
+    @staticmethod
+    def _budget_values(budgets: Any, n: int) -> list[float]:
+        """:meth:`budget_tensor`'s checks, as a list of ``n`` floats."""
         if isinstance(budgets, torch.Tensor):
             values = budgets.detach().to(torch.float64).reshape(-1).cpu().tolist()
         elif isinstance(budgets, (int, float)) or (hasattr(budgets, "item") and not hasattr(budgets, "__len__")):
@@ -615,7 +757,7 @@ class TwoStageController(PreTrainedModel):
             values = values * n
         if len(values) != n:
             raise ValueError(f"got {len(values)} budgets for {n} requests; give one budget, or one per request")
-        return torch.tensor(values, dtype=torch.float32, device=self._param.device)
+        return values
 
     def _latency_tokens(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
         tokens = torch.as_tensor(tokens)
@@ -939,6 +1081,42 @@ class TwoStageController(PreTrainedModel):
 
         return decide
 
+    def decide_for_request(self, adaptive: Any, text: str, budget: float) -> tuple[str | None, int, Callable[[Any], tuple[int | None, int]]]:
+        """A server's greedy decisions for one request: stage 1's ``(tier, insertion_position)`` and
+        stage 2 as the ``decide`` function of :meth:`AdaptiveModel.generate_with_decision` (latency
+        token -> ``(top_k, num_active_blocks)``; in prompt mode it ignores its argument).
+
+        What :meth:`decide_and_generate` and the timed controller runs of the evaluation use. A
+        float32 controller on the CPU computes it in NumPy (:class:`_NumpyGreedy`): the same
+        decisions as :meth:`decide_stage1` and :meth:`stage2_decider`, without the ~20 small PyTorch
+        ops they run, each several times slower inside a request than in a loop.
+        """
+        fast = self._numpy_greedy()
+        if fast is None:
+            language = self._language(prompt_features(adaptive, [text]))
+            ((tier, p),) = self.decide_stage1(language, [budget])
+            return tier, p, self.stage2_decider(language, budget, tier, p)
+        space = self.knob_space
+        language = _NumpyGreedy.language(adaptive, text)
+        code = fast.budget_code(self._budget_values(budget, 1))
+        tier_index, p_index = fast.stage1(language, code)
+        tier = None if tier_index is None else space.tiers[int(tier_index[0])]
+        p_index = int(p_index[0])
+        budget_part = fast.stage2_budget_part(code, p_index)  # now, so that only the token's part runs at block p
+        width = self.config.latency_token_dim
+
+        def decide(latency_token: Any) -> tuple[int | None, int]:
+            if self.stage2_mode == "prompt":
+                context = language[0]
+            else:
+                if tuple(latency_token.shape) != (1, width):
+                    raise ValueError(f"latency tokens must be (1, {width}), got {tuple(latency_token.shape)}")
+                context = latency_token.detach().float().cpu().numpy()[0]
+            top_k, blocks = fast.stage2(context, budget_part, p_index)
+            return (None if top_k is None else space.top_k_options[top_k]), space.all_block_options[blocks]
+
+        return tier, space.insertion_positions[p_index], decide
+
     @torch.no_grad()
     def decide_and_generate(self, adaptive: Any, text: str | Sequence[str], images: Any, latency_budget: Any, **generate_kwargs: Any) -> tuple[Any, list[Knobs]]:
         """Choose the knobs for each prompt greedily and generate with them.
@@ -958,6 +1136,10 @@ class TwoStageController(PreTrainedModel):
         order (each prompt runs in its own generate call, since rows with different knobs cannot
         share one, so each output equals the single-prompt call). A row without an image runs
         with ``tier=None``. Refuses an executor the controller was not built for.
+
+        A float32 controller on the CPU computes these greedy decisions (:meth:`decide_stage1`,
+        :meth:`stage2_decider`) in NumPy on its own parameters: the same decisions, in about half
+        the time they add to a request (``bench/controller_overhead.py``).
         """
         self.check_executor(adaptive)
         single = isinstance(text, str)
@@ -970,14 +1152,11 @@ class TwoStageController(PreTrainedModel):
             if not isinstance(images, (list, tuple)) or len(images) != len(texts):
                 raise ValueError(f"got {len(texts)} prompts: give one image per prompt (or images=None)")
             row_images = [None if im is None else (im if isinstance(im, (list, tuple)) else [im]) for im in images]
-        budgets = self.budget_tensor(latency_budget, len(texts)).tolist()
-        language = self._language(prompt_features(adaptive, texts))
-        stage1 = self.decide_stage1(language, budgets)
-
+        budgets = self._budget_values(latency_budget, len(texts))
         outputs, chosen = [], []
-        for i, (tier, p) in enumerate(stage1):
+        for i, text in enumerate(texts):
+            tier, p, decide = self.decide_for_request(adaptive, text, budgets[i])
             tier = tier if row_images[i] is not None else None
-            decide = self.stage2_decider(language[i : i + 1], budgets[i], tier, p)
             if self.stage2_mode == "latency_token":
                 out, knobs = adaptive.generate_with_decision(texts[i], row_images[i], decide=decide, tier=tier,
                                                              insertion_position=p, **generate_kwargs)

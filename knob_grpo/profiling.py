@@ -308,31 +308,23 @@ def controller_job(adaptive: Any, controller: Any, text: str, budget: float, pre
     text-only request). Each call stores the knobs it ran in ``record["knobs"]`` and the prompt
     length in ``record["prompt_len"]``.
     """
-    from .controller import prompt_features
-
     has_image = None not in prepared
     latency_token_mode = controller.stage2_mode == "latency_token"
 
     def generate(streamer: Any) -> Any:
         with torch.inference_mode():
-            language = prompt_features(adaptive, [text])
+            tier, p, decide = controller.decide_for_request(adaptive, text, budget)
+            tier = tier if has_image else None
+            record["prompt_len"] = prepared[tier]["input_ids"].shape[-1]
             if latency_token_mode:  # stage 2 runs inside the one generate, at block p (no second generation loop)
-                tier, p = controller.decide_stage1(language, [budget])[0]
-                tier = tier if has_image else None
-                record["prompt_len"] = prepared[tier]["input_ids"].shape[-1]
-                decide = controller.stage2_decider(language, budget, tier, p)
                 output, knobs = adaptive.generate_with_decision(**prepared[tier], decide=decide, insertion_position=p,
                                                                 streamer=streamer, **generate_kwargs)
                 record["knobs"] = dataclasses.replace(knobs, tier=tier)  # the tier the inputs were prepared at
                 return output
-            knobs = controller.decide(language, [budget])[0]
-            if not has_image:
-                knobs = dataclasses.replace(knobs, tier=None)
-            record["knobs"] = knobs
-            record["prompt_len"] = prepared[knobs.tier]["input_ids"].shape[-1]
-            return adaptive.generate(**prepared[knobs.tier], insertion_position=knobs.insertion_position,
-                                     top_k=knobs.top_k, num_active_blocks=knobs.num_active_blocks, streamer=streamer,
-                                     **generate_kwargs)
+            top_k, num_active_blocks = decide(None)
+            record["knobs"] = Knobs(tier=tier, insertion_position=p, top_k=top_k, num_active_blocks=num_active_blocks)
+            return adaptive.generate(**prepared[tier], insertion_position=p, top_k=top_k, num_active_blocks=num_active_blocks,
+                                     streamer=streamer, **generate_kwargs)
 
     return generate
 

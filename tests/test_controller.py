@@ -133,6 +133,104 @@ def test_language_features_mean_pool_real_tokens_only(vlm):
     assert all(p is not emb.weight for p in ctrl.parameters())
 
 
+def test_prompt_features_tokenise_as_the_tokenizer_does(vlm):
+    """One prompt at a time goes through the fast tokenizer's backend (cheaper inside a request):
+    the same ids, so the same feature, as the tokenizer's own call."""
+    tok = vlm.tokenizer
+    assert tok.is_fast
+    for text in (PROMPT, "how many dots", "zzz unseen words ?", ""):
+        enc = tok(text, return_tensors="pt")
+        expected = language_features(vlm, enc["input_ids"], enc["attention_mask"])
+        torch.testing.assert_close(prompt_features(vlm, text), expected, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- greedy decisions in NumPy
+def serve(ctrl: TwoStageController, executor: AdaptiveModel, texts: list[str], budgets: list[float], tokens: torch.Tensor) -> list:
+    """A server's greedy decisions, one request at a time: stage 1, then stage 2 on a latency token."""
+    out = []
+    for text, budget, token in zip(texts, budgets, tokens):
+        tier, p, decide = ctrl.decide_for_request(executor, text, budget)
+        out.append((tier, p, decide(token[None])))
+    return out
+
+
+def serve_both_ways(ctrl: TwoStageController, *args) -> tuple[list, list]:
+    """``serve`` with the NumPy greedy path, and with it switched off (PyTorch decides)."""
+    fast = serve(ctrl, *args)
+    ctrl._numpy_decisions = False
+    try:
+        return fast, serve(ctrl, *args)
+    finally:
+        ctrl._numpy_decisions = True
+
+
+@pytest.mark.parametrize("mode", ["latency_token", "prompt"])
+@pytest.mark.parametrize("space_name", ["molmoe", "text_dense", "tiny_vlm"])
+def test_numpy_greedy_decisions_equal_the_pytorch_ones(space_name, mode, vlm):
+    space = vlm.knob_space if space_name == "tiny_vlm" else SPACES[space_name][0]
+    ctrl = make_controller(space, mode, dim=vlm.input_embeddings.embedding_dim, head_scale=3.0)
+    with torch.no_grad():  # every parameter random (layer norms included), the heads' biases zero so the inputs decide
+        for name, param in ctrl.named_parameters():
+            param.copy_(torch.zeros_like(param) if "_head.bias" in name else param + torch.randn_like(param) * 0.1)
+    assert ctrl._numpy_greedy() is not None  # float32 on the CPU: NumPy decides
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    words = ["what", "colour", "is", "the", "shape", "how", "many", "dots", "?", "red", "circle", "square", "7"]
+    texts = [" ".join(words[int(i)] for i in torch.randint(len(words), (int(k),), generator=g))
+             for k in torch.randint(0, 9, (n,), generator=g)]  # an empty prompt among them
+    tokens = torch.randn(n, ctrl.config.latency_token_dim, generator=g)
+    budgets = torch.empty(n).uniform_(60, 450, generator=g).tolist()  # inside and outside the trained 100-400
+    args = (vlm, texts, budgets, tokens)
+    fast, slow = serve_both_ways(ctrl, *args)
+    assert fast == slow
+    assert len(set(fast)) >= 3  # the inputs reach several decisions, so the equality says something
+    # the same as the batch API's decisions on prompt_features
+    language = prompt_features(vlm, texts)
+    assert [d[:2] for d in fast] == ctrl.decide_stage1(language, budgets)
+    # with a latency scale
+    ctrl.latency_scale = 1.7
+    fast, slow = serve_both_ways(ctrl, *args)
+    assert fast == slow and [d[:2] for d in fast] == ctrl.decide_stage1(language, budgets)
+    before = fast
+
+    def favour_another_p(decisions: list) -> torch.Tensor:
+        """A bias for p's head that makes the first request's p another one (whatever the features)."""
+        options = space.insertion_positions
+        bias = torch.zeros(len(options), dtype=ctrl.stage1.insertion_position_head.bias.dtype)
+        bias[next(i for i, p in enumerate(options) if p != decisions[0][1])] = 1e3
+        return bias
+
+    # an in-place update (an optimizer step) shows through the NumPy views
+    with torch.no_grad():
+        ctrl.stage1.insertion_position_head.bias.copy_(favour_another_p(before))
+    fast, slow = serve_both_ways(ctrl, *args)
+    assert fast == slow and fast != before
+    # new storage (.double() and back) gets new views: updates made meanwhile are seen
+    before = fast
+    ctrl.double()
+    assert ctrl._numpy_greedy() is None  # float64: PyTorch decides
+    with torch.no_grad():
+        ctrl.stage1.insertion_position_head.bias.copy_(favour_another_p(before))
+    ctrl.float()
+    fast, slow = serve_both_ways(ctrl, *args)
+    assert fast == slow and fast != before
+    # and so does load_state_dict(assign=True), which replaces the parameters
+    before = fast
+    state = {k: v.clone() for k, v in ctrl.state_dict().items()}
+    state["stage1.insertion_position_head.bias"] = favour_another_p(before)
+    ctrl.load_state_dict(state, assign=True)
+    fast, slow = serve_both_ways(ctrl, *args)
+    assert fast == slow and fast != before
+    # as does a parameter replaced by assignment
+    before = fast
+    ctrl.stage1.insertion_position_head.bias = torch.nn.Parameter(favour_another_p(before))
+    fast, slow = serve_both_ways(ctrl, *args)
+    assert fast == slow and fast != before
+    if mode == "latency_token":
+        with pytest.raises(ValueError, match=re.escape("latency tokens must be (1, ")):
+            ctrl.decide_for_request(vlm, PROMPT, 200.0)[2](tokens[:2])
+
+
 # --------------------------------------------------------------------------- sampling validity
 @pytest.mark.parametrize("mode", ["latency_token", "prompt"])
 @pytest.mark.parametrize("space_name", ["molmoe", "text_dense", "text_moe", "tiny_vlm"])

@@ -232,8 +232,9 @@ def test_latency_profile_sets_the_controller_scale_from_the_lookup_tables_own_ru
     controller = TwoStageController.for_executor(vlm, stage2_mode="latency_token", budget_range=(10.0, 100.0))
     controller.latency_scale = 1.7  # whatever the caller had set comes back
     seen = []
-    decide_stage1 = controller.decide_stage1
-    monkeypatch.setattr(controller, "decide_stage1", lambda *a, **k: seen.append(controller.latency_scale) or decide_stage1(*a, **k))
+    decide_for_request = controller.decide_for_request
+    monkeypatch.setattr(controller, "decide_for_request",
+                        lambda *a, **k: seen.append(controller.latency_scale) or decide_for_request(*a, **k))
     flat = LatencyProfile(device="another device", executor=vlm.name_or_path, ttft_coef={**dict.fromkeys(TTFT_FEATURES, 0.0), "intercept": 0.5},
                           decode_coef=dict.fromkeys(DECODE_FEATURES, 0.0))
     budgets = [10.0, 100.0]

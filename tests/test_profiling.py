@@ -357,24 +357,19 @@ def test_decision_overhead_is_what_the_controlled_run_adds_to_the_static_run(vlm
 
     controller = TwoStageController.for_executor(vlm, stage2_mode=mode, budget_range=(10.0, 100.0))
     base = measure_decision_overhead(vlm, controller, samples, repeats=3, warmup=1)
-    decider = controller.stage2_decider
+    decide_for_request = controller.decide_for_request
 
-    def slow_decider(*args, **kwargs):
-        decide = decider(*args, **kwargs)
-        return lambda *a: delay(30) or decide(*a)
+    def slow_stage2(*args, **kwargs):  # stage 2 made 30 ms slower: at block p, or before the generate in prompt mode
+        tier, p, decide = decide_for_request(*args, **kwargs)
+        return tier, p, lambda *a: delay(30) or decide(*a)
 
-    controller.stage2_decider = slow_decider
-    if mode == "prompt":  # prompt mode decides through decide(), which calls stage 2 itself
-        decide_all = controller.decide
-        controller.decide = lambda *a, **k: delay(30) or decide_all(*a, **k)
+    controller.decide_for_request = slow_stage2
     slow = measure_decision_overhead(vlm, controller, samples, repeats=3, warmup=1)
     assert base == 0.0
     assert slow == pytest.approx(30.0)  # once per request, not once per stage or per call
     assert controller.training  # left as it was
 
-    controller.stage2_decider = decider
-    if mode == "prompt":
-        controller.decide = decide_all
+    controller.decide_for_request = decide_for_request
     generate = vlm.model.generate
     vlm.model.generate = lambda *a, **k: delay(30) or generate(*a, **k)
     try:
