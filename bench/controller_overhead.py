@@ -14,12 +14,13 @@ measures in the same run:
   (``measure_decision_overhead``: prompt features, stage 1, stage 2 at block ``p`` inside the one
   generate, against the static run of the same knobs), with the greedy decisions computed in NumPy
   (what ``decide_and_generate`` uses for a float32 controller on the CPU) and in PyTorch,
-  alternated over three rounds. Between two forwards of the executor the controller's small ops
+  alternated over four rounds. Between two forwards of the executor the controller's small ops
   run several times slower than in the loops above, which is why this is the figure to budget for.
 
 It also prints the parameters per stage for that controller and for one sized for a d_model-2048
 MolmoE-like knob space (built from a config alone, no executor). Headline figures come last,
-one per line: ``name = value (goal ...)``. Runs in well under a minute on 2 CPU cores.
+one per line: ``name = value (goal ...)``. Runs in under a minute on 2 CPU cores (about 50 s,
+most of it the in-request timing).
 
     HF_HUB_OFFLINE=1 /work/venv/bin/python bench/controller_overhead.py [--threads N]
 
@@ -71,7 +72,7 @@ def test_image():
         return Image.new("RGB", (64, 64), (200, 30, 30))
 
 
-def request_rows(image, n: int = 12) -> list[dict]:
+def request_rows(image, n: int = 16) -> list[dict]:
     """Requests to time the decision in: the embedded task's validation questions, else PROMPT on ``image``."""
     try:
         from knob_grpo.embedded import make_task_dataset
@@ -143,10 +144,10 @@ def main() -> None:
     # what deciding adds inside a request, NumPy greedy path against PyTorch's, alternated
     rows = request_rows(image)
     in_request = {True: [], False: []}
-    for _ in range(3):
+    for _ in range(4):
         for numpy_path in (True, False):
             ctrl._numpy_decisions = numpy_path
-            in_request[numpy_path].append(measure_decision_overhead(adaptive, ctrl, rows, repeats=3))
+            in_request[numpy_path].append(measure_decision_overhead(adaptive, ctrl, rows, repeats=5))
     ctrl._numpy_decisions = True
     overhead_numpy, overhead_torch = (statistics.median(in_request[k]) for k in (True, False))
 

@@ -422,11 +422,12 @@ class _NumpyGreedy:
 
     A decision runs inside the request it decides for, between forwards of the executor, where each
     of its ~50 small PyTorch ops runs several times slower than in a loop (cold caches, dispatch).
-    On the embedded default deciding added 1.2-1.4 ms to a 13 ms request that way; the same
-    arithmetic in NumPy adds about half of that. The arrays share memory with the parameters, so
-    optimizer steps and ``load_state_dict`` show through; :meth:`TwoStageController._numpy_greedy`
-    builds new views when a parameter is replaced or its storage changes (``.to()``, ``.double()``).
-    Same argmax as the PyTorch path except where two logits tie to float32 rounding.
+    On the embedded default deciding in PyTorch added 1.0-1.5 ms to a 13 ms request; the same
+    arithmetic in NumPy adds 18-27% less (``bench/controller_overhead.py``). The arrays share
+    memory with the parameters, so optimizer steps and ``load_state_dict`` show through;
+    :meth:`TwoStageController._numpy_greedy` builds new views when a parameter is replaced or its
+    storage changes (``.to()``, ``.double()``). Same argmax as the PyTorch path except where two
+    logits tie to float32 rounding.
     """
 
     def __init__(self, controller: "TwoStageController") -> None:
@@ -1138,8 +1139,8 @@ class TwoStageController(PreTrainedModel):
         with ``tier=None``. Refuses an executor the controller was not built for.
 
         A float32 controller on the CPU computes these greedy decisions (:meth:`decide_stage1`,
-        :meth:`stage2_decider`) in NumPy on its own parameters: the same decisions, in about half
-        the time they add to a request (``bench/controller_overhead.py``).
+        :meth:`stage2_decider`) in NumPy on its own parameters: the same decisions, adding 18-27%
+        less time to a request (``bench/controller_overhead.py``).
         """
         self.check_executor(adaptive)
         single = isinstance(text, str)
