@@ -485,7 +485,7 @@ class _NumpyGreedy:
         tokenizer, table = adaptive.tokenizer, _embedding_of(adaptive).weight
         backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
         if backend is None or table.dtype != torch.float32 or table.device.type != "cpu":
-            return prompt_features(adaptive, [text]).numpy()
+            return prompt_features(adaptive, [text]).cpu().numpy()
         ids = backend.encode(text).ids
         if not ids:
             return np.zeros((1, table.shape[1]), dtype=np.float32)
@@ -1138,9 +1138,9 @@ class TwoStageController(PreTrainedModel):
         share one, so each output equals the single-prompt call). A row without an image runs
         with ``tier=None``. Refuses an executor the controller was not built for.
 
-        A float32 controller on the CPU computes these greedy decisions (:meth:`decide_stage1`,
-        :meth:`stage2_decider`) in NumPy on its own parameters: the same decisions, adding 18-27%
-        less time to a request (``bench/controller_overhead.py``).
+        Each prompt's decisions come from :meth:`decide_for_request`, which a float32 controller on
+        the CPU computes in NumPy on its own parameters: the same decisions, adding 18-27% less time
+        to a request (``bench/controller_overhead.py``).
         """
         self.check_executor(adaptive)
         single = isinstance(text, str)
