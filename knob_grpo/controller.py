@@ -58,6 +58,9 @@ Batch-first API (``B`` requests, ``G`` samples per request, rows request-major)
 * :meth:`TwoStageController.decide` -- the greedy tuple per request.
 * :meth:`TwoStageController.decide_and_generate` -- one call from prompt and budget to output
   (this is what ``AdaptiveModel.generate(..., latency_budget=..., controller=...)`` calls).
+* :meth:`TwoStageController.decide_for_request` -- one request's greedy decisions as a server
+  makes them (stage 1, and stage 2 as a function of the latency token); NumPy for a float32
+  controller on the CPU.
 """
 
 from __future__ import annotations
