@@ -210,6 +210,12 @@ def language_features(embedding_or_adaptive: Any, input_ids: torch.Tensor, atten
     return (vectors * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
+def _fast_backend(tokenizer: Any) -> Any:
+    """A fast tokenizer's own ``tokenizers`` backend (``None`` for a slow one): for one text its
+    ``encode(text).ids`` are the tokenizer call's ids, in a fraction of the time (this runs inside a request)."""
+    return getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+
+
 @torch.no_grad()
 def prompt_features(adaptive: Any, texts: str | Sequence[str]) -> torch.Tensor:
     """Language features of raw prompt texts: tokenised with ``adaptive.tokenizer`` as they are
@@ -221,9 +227,8 @@ def prompt_features(adaptive: Any, texts: str | Sequence[str]) -> torch.Tensor:
     if len(texts) > 1 and getattr(tokenizer, "pad_token_id", None) is not None:
         enc = tokenizer(texts, return_tensors="pt", padding=True)
         return language_features(adaptive.input_embeddings, enc["input_ids"], enc["attention_mask"])
-    # no pad token (or a single prompt): one row at a time, no padding needed. A fast tokenizer's own
-    # backend gives the same ids as its __call__ in a fraction of the time (this runs inside a request)
-    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    # no pad token (or a single prompt): one row at a time, no padding needed
+    backend = _fast_backend(tokenizer)
     rows = []
     for t in texts:
         ids = torch.tensor([backend.encode(t).ids], dtype=torch.long) if backend is not None else tokenizer(t, return_tensors="pt")["input_ids"]
@@ -434,7 +439,8 @@ class _NumpyGreedy:
     """
 
     def __init__(self, controller: "TwoStageController") -> None:
-        # every parameter and buffer: the dict that holds it, its name there, the tensor, its memory
+        # every parameter and buffer: the dict that holds it, its name there, the tensor, its memory.
+        # The views below keep that memory alive, so no new tensor can reuse its address unnoticed.
         self.slots = [(table, name, t, t.data_ptr()) for module in controller.modules()
                       for table in (module._parameters, module._buffers) for name, t in table.items() if t is not None]
         self.controller = controller
@@ -485,8 +491,7 @@ class _NumpyGreedy:
     def language(adaptive: Any, text: str) -> np.ndarray:
         """:func:`prompt_features` of one text, ``(1, language_dim)``: NumPy on the executor's float32
         CPU embedding table with a fast tokenizer's backend, else :func:`prompt_features` itself."""
-        tokenizer, table = adaptive.tokenizer, _embedding_of(adaptive).weight
-        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        backend, table = _fast_backend(adaptive.tokenizer), _embedding_of(adaptive).weight
         if backend is None or table.dtype != torch.float32 or table.device.type != "cpu":
             return prompt_features(adaptive, [text]).cpu().numpy()
         ids = backend.encode(text).ids
@@ -622,14 +627,6 @@ class TwoStageController(PreTrainedModel):
         if cached is None or not cached.is_current():
             self.__dict__["_numpy_cache"] = cached = _NumpyGreedy(self)
         return cached if cached.applies else None
-
-    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "TwoStageController":
-        self.__dict__.pop("_numpy_cache", None)  # .to(), .double(), .cuda(): new storage, new views
-        return super()._apply(fn, *args, **kwargs)
-
-    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        self.__dict__.pop("_numpy_cache", None)  # assign=True replaces the parameters themselves
-        return super().load_state_dict(*args, **kwargs)
 
     # ------------------------------------------------------------------ construction
     @classmethod
