@@ -15,6 +15,7 @@ plot and the controller checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -36,11 +37,15 @@ from knob_grpo.rewards import answer_probability_reward, exact_match_reward, mak
 @dataclass
 class ScriptArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "Executor model; default: the embedded tiny MoE VLM."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Dataset (Hub name, or a local save_to_disk folder); default: the embedded task."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Dataset with the three splits below (Hub name, or a folder "
+                                                                 "written by DatasetDict.save_to_disk); default: the embedded task."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_profile_split: str = field(default="validation", metadata={"help": "Split for the latency profile and the lookup table."})
     dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
-    question_column: str = field(default="question", metadata={"help": "Column with the question text."})
+    question_column: str | None = field(
+        default=None, metadata={"help": "Column with the request's text: the same as KnobGRPOConfig's --prompt_column, which is "
+                                "honoured too (naming two different columns is an error). Default: the --prompt_column "
+                                "('prompt', TRL's) if the dataset has it, else 'question'."})
     answer_column: str = field(default="answer", metadata={"help": "Column with the reference answer."})
     train_samples: int = field(default=3584, metadata={"help": "Training prompts used (each gets num_generations knob tuples)."})
     profile_samples: int = field(default=6, metadata={"help": "Rows of the profile split used to fit the latency profile."})
@@ -92,34 +97,89 @@ class ScriptArguments:
     )
 
 
-def load_data(script: ScriptArguments, image_column: str):
-    profile_rows = max(script.profile_samples + script.margin_samples, script.overhead_samples, script.lookup_samples)
-    if script.dataset_name is None:
-        from knob_grpo.embedded import make_task_dataset
-
-        return (make_task_dataset("train", script.train_samples),
-                make_task_dataset("validation", profile_rows),
-                make_task_dataset("test", script.eval_samples))
-    from datasets import load_dataset, load_from_disk
-
-    is_saved = os.path.isfile(os.path.join(script.dataset_name, "dataset_dict.json"))
-    data = load_from_disk(script.dataset_name) if is_saved else load_dataset(script.dataset_name)
-    rename = {script.question_column: "question", image_column: "image", script.answer_column: "answer"}
-
-    def take(split, n):
-        part = data[split].select(range(min(n, len(data[split]))))
-        return part.rename_columns({k: v for k, v in rename.items() if k != v and k in part.column_names})
-
-    return (take(script.dataset_train_split, script.train_samples),
-            take(script.dataset_profile_split, profile_rows),
-            take(script.dataset_test_split, script.eval_samples))
+def explicit(args: KnobGRPOConfig, *names: str) -> list[str]:
+    """The settings among ``names`` that differ from KnobGRPOConfig's defaults, i.e. were set explicitly."""
+    defaults = {f.name: f.default for f in dataclasses.fields(KnobGRPOConfig)}
+    return [f"--{name} {getattr(args, name)}" for name in names if getattr(args, name) != defaults[name]]
 
 
-def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
+def check_settings(script: ScriptArguments, args: KnobGRPOConfig) -> None:
+    """Refuse settings the script would otherwise ignore or overwrite, before anything loads."""
     if not (math.isfinite(script.train_budget_headroom) and script.train_budget_headroom >= 1):
         raise ValueError(f"train_budget_headroom={script.train_budget_headroom!r} must be a finite number >= 1 "
                          "(the training range must contain the evaluated one)")
+    for flag, names in (("latency_margin_from_profile", ["latency_margin"]), ("measure_decision_overhead", ["decision_overhead_ms"]),
+                        ("budget_range_from_profile", ["budget_min_ms", "budget_max_ms"])):
+        if getattr(script, flag) and (given := explicit(args, *names)):
+            raise ValueError(f"{' and '.join(given)}: derived on this device while --{flag} is true; "
+                             f"pass --{flag} false to set {'it' if len(given) == 1 else 'them'}")
+
+
+def open_splits(script: ScriptArguments) -> list:
+    """The dataset's train, profile and test splits (``--dataset_*_split``)."""
+    from datasets import Dataset, load_dataset, load_from_disk
+
+    name = script.dataset_name
+    saved = any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json"))
+    data = load_from_disk(name) if saved else load_dataset(name)
+    if isinstance(data, Dataset):
+        raise ValueError(f"{name} holds a single Dataset (Dataset.save_to_disk); the script needs train, profile and test splits: "
+                         "save a DatasetDict(train=..., validation=..., test=...) instead (--dataset_train_split, "
+                         "--dataset_profile_split and --dataset_test_split name them)")
+    flags = ("dataset_train_split", "dataset_profile_split", "dataset_test_split")
+    for flag in flags:
+        if getattr(script, flag) not in data:
+            raise ValueError(f"--{flag} {getattr(script, flag)!r}: {name} has no such split; its splits are "
+                             f"{', '.join(map(repr, data))} (pass --{flag} with one of them)")
+    return [data[getattr(script, flag)] for flag in flags]
+
+
+def text_column(script: ScriptArguments, args: KnobGRPOConfig, columns: list[str]) -> str:
+    """The dataset's text column: --question_column or --prompt_column (see ScriptArguments.question_column)."""
+    prompt_given = bool(explicit(args, "prompt_column"))
+    if script.question_column and prompt_given and script.question_column != args.prompt_column:
+        raise ValueError(f"--question_column {script.question_column!r} and --prompt_column {args.prompt_column!r} both name "
+                         "the text column; pass one of them")
+    text = script.question_column or (args.prompt_column if prompt_given or args.prompt_column in columns else "question")
+    if text not in columns:
+        raise ValueError(f"text column {text!r} is not in the dataset (its columns: {', '.join(columns)}); "
+                         "name it with --question_column or --prompt_column")
+    return text
+
+
+def load_data(script: ScriptArguments, args: KnobGRPOConfig) -> list:
+    """The train, profile and test rows, their text, image and answer columns renamed to 'prompt', 'image' and 'answer'
+    (what the profile and the evaluation read; args.prompt_column and args.image_column are set to them)."""
+    profile_rows = max(script.profile_samples + script.margin_samples, script.overhead_samples, script.lookup_samples)
+    counts = (script.train_samples, profile_rows, script.eval_samples)
+    if script.dataset_name is None:
+        from knob_grpo.embedded import make_task_dataset
+
+        splits = [make_task_dataset(split, n) for split, n in zip(("train", "validation", "test"), counts)]
+    else:
+        splits = [split.select(range(min(n, len(split)))) for split, n in zip(open_splits(script), counts)]
+    text = text_column(script, args, splits[0].column_names)
+    rename = {text: "prompt", args.image_column or "image": "image", script.answer_column: "answer"}
+    args.prompt_column, args.image_column = "prompt", "image"
+
+    def renamed(split):  # a column already named like a target (say, an unused 'prompt') makes way
+        moves = {k: v for k, v in rename.items() if k != v and k in split.column_names}
+        return split.remove_columns([v for v in moves.values() if v in split.column_names]).rename_columns(moves)
+
+    return [renamed(split) for split in splits]
+
+
+def new_controller(executor: AdaptiveModel, script: ScriptArguments, args: KnobGRPOConfig) -> TwoStageController:
+    """A new controller for the executor, over args' budget range (unset: the controller's default)."""
+    budget_range = (args.budget_min_ms, args.budget_max_ms)
+    return TwoStageController.for_executor(executor, stage2_mode=script.stage2_mode,
+                                           **({} if None in budget_range else {"budget_range": budget_range}))
+
+
+def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
+    check_settings(script, args)
     state = PartialState()
+    train, profile_data, test = load_data(script, args)
     if script.random_executor:
         from knob_grpo.embedded import TIER_PIXELS, build_model, build_processor, knob_space
 
@@ -131,8 +191,6 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
         executor = load_embedded_adaptive()
     else:
         executor = AdaptiveModel.from_pretrained(script.model_name_or_path)
-    train, profile_data, test = load_data(script, args.image_column or "image")
-    args.prompt_column, args.image_column = "question", "image"
 
     # 1. a latency profile of this device: noise-free rewards, and rollouts may share work
     # (measured once, on the main process, and shared: every process must reward with the same profile)
@@ -161,26 +219,25 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
         args.latency_margin = round(margin, 3)
 
     # the controller's own decision time is part of every request's latency: rollouts add it
-    def new_controller():
-        return TwoStageController.for_executor(executor, stage2_mode=script.stage2_mode,
-                                               budget_range=(args.budget_min_ms, args.budget_max_ms))
-
     if script.measure_decision_overhead:
         overhead_rows = list(profile_data.select(range(min(script.overhead_samples, len(profile_data)))))
-        overhead = [measure_decision_overhead(executor, new_controller(), overhead_rows) if state.is_main_process else None]
+        overhead = [measure_decision_overhead(executor, new_controller(executor, script, args), overhead_rows)
+                    if state.is_main_process else None]
         broadcast_object_list(overhead)
         args.decision_overhead_ms = round(overhead[0], 2)
     eval_range = (args.budget_min_ms, args.budget_max_ms)
     if script.budget_range_from_profile and records:
         eval_range = suggest_budget_range(records, args.latency_target, args.decision_overhead_ms, latency_margin=args.latency_margin)
         args.budget_min_ms, args.budget_max_ms = eval_range[0], round(eval_range[1] * script.train_budget_headroom, 1)
+    elif None in eval_range:  # unset: the controller's own range
+        eval_range = new_controller(executor, script, args).config.budget_range
     if state.is_main_process:
         print(f"decision overhead {args.decision_overhead_ms:.2f} ms; latency margin {args.latency_margin:.3f}; "
               f"budget range {eval_range[0]}-{eval_range[1]} ms (training to {args.budget_max_ms} ms)")
 
     # 2. GRPO over knob tuples
     torch.manual_seed(args.seed)
-    controller = new_controller()
+    controller = new_controller(executor, script, args)
     rewards = [within_budget(exact_match_reward), make_budget_reward(penalty=script.budget_penalty, slack_bonus=script.slack_bonus)]
     if script.answer_probability:
         args.answer_logprobs = True

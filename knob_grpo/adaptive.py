@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .architectures import ArchitectureSpec, get_architecture
-from .knobs import KNOB_NAMES, Knobs, KnobSpace
+from .knobs import KNOB_NAMES, Knobs, KnobSpace, _check_int
 
 ADAPTIVE_CONFIG_NAME = "knob_grpo_adaptive.json"
 
@@ -395,6 +395,8 @@ class AdaptiveModel:
             raise ValueError("knob space has top_k options but the model is dense (no MoE router)")
         if space.top_k_options and space.num_experts != self.num_experts:
             raise ValueError(f"knob space is for {space.num_experts} experts but the model has {self.num_experts}")
+        if space.top_k_options and space.default_top_k != self.default_top_k:  # its full setting would run a reduced top-k
+            raise ValueError(f"knob space's default_top_k={space.default_top_k} differs from the model's {self.default_top_k} experts per token")
         if space.tiers and self.vision_tower is None:
             raise ValueError("knob space has tiers but the model has no vision tower")
 
@@ -499,12 +501,24 @@ class AdaptiveModel:
         if self.vision_tower is not None and not getattr(self.vision_tower.forward, "_knob_grpo", False):
             self.vision_tower.forward = _wrap_vision(self.vision_tower.forward)
 
+    def _wrapped_modules(self) -> list[nn.Module]:
+        return list(self.layers) + list(self.routers.values()) + ([self.vision_tower] if self.vision_tower is not None else [])
+
     def remove(self) -> None:
-        """Take the wrappers off: the model is then the plain transformers model again."""
-        modules = list(self.layers) + list(self.routers.values()) + ([self.vision_tower] if self.vision_tower is not None else [])
-        for module in modules:
+        """Take the wrappers off: the model is then the plain transformers model again.
+
+        Every ``AdaptiveModel`` over this model (they share the wrappers) then refuses to run
+        instead of running each configuration at the full setting.
+        """
+        for module in self._wrapped_modules():
             if "forward" in vars(module) and getattr(module.forward, "_knob_grpo", False):
                 del module.forward
+
+    def _check_installed(self) -> None:
+        for module in self._wrapped_modules():
+            if not getattr(module.forward, "_knob_grpo", False):
+                raise RuntimeError("this AdaptiveModel's wrappers were removed (AdaptiveModel.remove()), so its knobs would have "
+                                   "no effect; build a new AdaptiveModel over the model to run configurations again")
 
     # ------------------------------------------------------------------ configuration
     def _state_for(self, knobs: Knobs, dropped: Sequence[int] | None = None) -> _Active:
@@ -535,9 +549,16 @@ class AdaptiveModel:
         """
         knobs = self.resolve(insertion_position=insertion_position, top_k=top_k, num_active_blocks=num_active_blocks)
         if dropped_blocks is not None:
-            bad = [b for b in dropped_blocks if not 1 <= int(b) < self.num_blocks]
+            dropped_blocks = [_check_int("dropped block", b) for b in dropped_blocks]
+            bad = [b for b in dropped_blocks if not 1 <= b < self.num_blocks]
             if bad:
                 raise ValueError(f"dropped block {bad[0]} is not allowed: blocks 1..{self.num_blocks - 1} may be dropped, block 0 always runs")
+            active = self.num_blocks - len(set(dropped_blocks))
+            if num_active_blocks is not None and num_active_blocks != active:  # the blocks named are the ones that go
+                raise ValueError(f"num_active_blocks={num_active_blocks!r} disagrees with dropped_blocks={dropped_blocks}, which leaves "
+                                 f"{active} of {self.num_blocks} blocks running; give a matching count or leave it out")
+            knobs = dataclasses.replace(knobs, num_active_blocks=active)
+        self._check_installed()
         with _activate(self._state_for(knobs, dropped_blocks)):
             yield knobs
 
@@ -590,7 +611,8 @@ class AdaptiveModel:
             texts = [self.format_prompt(t, images is not None) for t in texts]
         kwargs: dict[str, Any] = {"return_tensors": "pt", "padding": True, "padding_side": "left"}
         if images is not None:
-            kwargs.update(self.tier_processor_kwargs(tier))
+            # no tier = the full tier (what resolve() reports), also when tier_pixels/tier_crops set it below the processor's own
+            kwargs.update(self.tier_processor_kwargs(self.knob_space.full_tier if tier is None else tier))
             enc = self.processor(text=texts, images=list(images), **kwargs)
         else:
             enc = self.processor(text=texts, **kwargs)
@@ -612,8 +634,13 @@ class AdaptiveModel:
 
     # ------------------------------------------------------------------ generate
     def _split_inputs(self, text: Any, images: Any, tier: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        tensor_keys = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "inputs_embeds", "mm_token_type_ids"}
+        # what the processor makes (Molmo2's image_token_pooling, image_grids, ... included) is prompt input
+        tensor_keys = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "inputs_embeds", "mm_token_type_ids",
+                       *getattr(self.processor, "model_input_names", ())}
         given = {k: kwargs.pop(k) for k in list(kwargs) if k in tensor_keys}
+        if text is None and images is not None:
+            raise ValueError("images=... needs text=...: with prepared tensors (input_ids=..., pixel_values=...) the image is "
+                             "already in them")
         if text is not None:
             if given:
                 raise ValueError(f"pass either text/images or prepared tensors, not both (got text and {sorted(given)})")
@@ -627,6 +654,7 @@ class AdaptiveModel:
     @contextlib.contextmanager
     def _call_guard(self) -> Iterator[None]:
         """Serialise where transformers keeps per-call state, and put that state back afterwards."""
+        self._check_installed()
         lock = self._lock or contextlib.nullcontext()
         with lock:
             saved = {}
@@ -678,6 +706,7 @@ class AdaptiveModel:
         if prefix is not None:
             if text is not None or images is not None:
                 raise ValueError("with prefix=..., the prompt is the prefix's: do not pass text or images")
+            _check_one_sequence_per_prompt(generate_kwargs, "generate(prefix=...)")
             knobs = self._resolve_on_prefix(prefix, tier, insertion_position, top_k, num_active_blocks)
             p = knobs.insertion_position
             state = self._state_for(knobs)
@@ -710,7 +739,11 @@ class AdaptiveModel:
         knobs = self.resolve(tier=tier, insertion_position=insertion_position)
         p = knobs.insertion_position
         inputs = self._split_inputs(text, images, tier, generate_kwargs)
-        generate_kwargs.pop("streamer", None)
+        # a prefill generates nothing: arguments about generated tokens would be silently ignored
+        ignored = sorted(set(generate_kwargs) & _NOT_FOR_PREFILL)
+        if ignored:
+            raise ValueError(f"prefill does not generate tokens, so {ignored[0]}={generate_kwargs[ignored[0]]!r} would have no effect; "
+                             "pass it to generate(prefix=...) instead")
         state = _Active(top_k=None, from_block=p, dropped=frozenset(), recording=_Recording(stop_at=p))
         with self._call_guard(), _activate(state):
             try:
@@ -779,7 +812,7 @@ class AdaptiveModel:
         """The knobs of a continuation of ``prefix``: its tier, ``p`` at most its own (default: its own)."""
         if tier is not None and tier != prefix.tier:
             raise ValueError(f"tier={tier!r} differs from the prefix's tier {prefix.tier!r}")
-        p = prefix.insertion_position if insertion_position is None else insertion_position
+        p = prefix.insertion_position if insertion_position is None else _check_int("insertion_position", insertion_position)
         if p > prefix.insertion_position:
             raise ValueError(f"insertion_position={p} is past the prefix, which stopped before block {prefix.insertion_position}")
         return self.resolve(tier=prefix.tier, insertion_position=p, top_k=top_k, num_active_blocks=num_active_blocks)
@@ -802,6 +835,7 @@ class AdaptiveModel:
             raise ValueError(f"generate_rows continues a one-prompt prefix; this one has {prefix.inputs['input_ids'].shape[0]} prompts")
         if not knobs:
             raise ValueError("generate_rows needs at least one configuration")
+        _check_one_sequence_per_prompt(generate_kwargs, "generate_rows")
         resolved: list[Knobs] = []
         for i, row in enumerate(knobs):
             values = row.as_dict() if isinstance(row, Knobs) else dict(row)
@@ -831,6 +865,20 @@ class AdaptiveModel:
             raise TypeError(f"{type(controller).__name__} cannot choose knobs (it has no decide_and_generate method)")
         output, knobs = decide(self, text, images, latency_budget, **generate_kwargs)
         return ControlledGeneration(output=output, knobs=list(knobs))
+
+
+#: ``generate`` arguments about the generated tokens, which a prefill (stopped before block ``p``) never makes
+_NOT_FOR_PREFILL = frozenset({"streamer", "max_new_tokens", "min_new_tokens", "max_length", "min_length", "do_sample", "temperature",
+                              "top_p", "top_k", "num_beams", "num_return_sequences", "stopping_criteria", "logits_processor"})
+
+
+def _check_one_sequence_per_prompt(generate_kwargs: dict[str, Any], where: str) -> None:
+    """A continuation replays one recorded prompt: beams and several returned sequences would need it copied."""
+    for name in ("num_beams", "num_return_sequences"):
+        value = generate_kwargs.get(name)
+        if value is not None and value != 1:
+            raise ValueError(f"{where} continues one recorded prompt per row, so {name}={value!r} is not supported (only 1); "
+                             "use generate without a prefix for beam search or several sequences per prompt")
 
 
 # --------------------------------------------------------------------------- module wrappers

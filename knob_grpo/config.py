@@ -32,6 +32,8 @@ UNUSED_GRPO_OPTIONS: dict[str, Any] = {
     "top_entropy_quantile": 1.0,  # masks tokens by entropy; four decisions per tuple are all kept
     "off_policy_mask_threshold": None,
     "multi_objective_aggregation": "sum_then_normalize",  # the weighted sum of the rewards is what is centred
+    "mask_truncated_completions": False,  # a knob tuple is never truncated (the executor's output is not the completion)
+    "cast_lm_head_to_fp32": False,  # the controller has no language-modelling head
 }
 #: ``loss_type`` values the knob loss implements. With the same number of decisions in every tuple,
 #: TRL's "grpo" (per-sequence mean), "bnpo" (per-batch mean) and "dapo" (per-token mean over the
@@ -55,6 +57,9 @@ class KnobGRPOConfig(GRPOConfig):
     tokens, and the loss refinements the knob loss does not implement, are refused by name
     (:data:`UNUSED_GRPO_OPTIONS`, ``loss_type`` outside :data:`LOSS_TYPES`); the others work as in TRL.
     """
+
+    # a dict given as a JSON string (on the command line) is parsed, as TRL does for generation_kwargs
+    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["executor_generation_kwargs"]
 
     # ---- TRL defaults that do not fit an MLP policy
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the controller."})
@@ -95,8 +100,14 @@ class KnobGRPOConfig(GRPOConfig):
         default="budget",
         metadata={"help": "Dataset column with the latency budget in ms; when absent, budgets are drawn (see budget_sampling)."},
     )
-    budget_min_ms: float = field(default=170.0, metadata={"help": "Lower end of the budget range in ms (research system: 170)."})
-    budget_max_ms: float = field(default=380.0, metadata={"help": "Upper end of the budget range in ms (research system: 380)."})
+    # Budgets drawn outside the controller's own range would all be clamped to its ends: unset, the
+    # trainer takes the controller's range; set, it must be the controller's.
+    budget_min_ms: float | None = field(
+        default=None, metadata={"help": "Lower end of the budget range in ms budgets are drawn from; unset: the controller's "
+                                "budget_range. When set, it must equal the controller's."})
+    budget_max_ms: float | None = field(
+        default=None, metadata={"help": "Upper end of the budget range in ms budgets are drawn from; unset: the controller's "
+                                "budget_range. When set, it must equal the controller's."})
     budget_sampling: str = field(
         default="uniform",
         metadata={"help": "How budgets are drawn when the dataset has none: 'uniform' (default, as in the research system) "
@@ -178,9 +189,15 @@ class KnobGRPOConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        lo, hi = float(self.budget_min_ms), float(self.budget_max_ms)
-        if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 or hi <= lo:
+        for name in ("budget_min_ms", "budget_max_ms"):  # None: the controller's range, filled in by the trainer
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(float(value)) and float(value) > 0):
+                raise ValueError(f"{name}={value!r} must be a finite number of ms > 0, or None (the controller's range)")
+        if None not in (self.budget_min_ms, self.budget_max_ms) and float(self.budget_max_ms) <= float(self.budget_min_ms):
             raise ValueError(f"budget range ({self.budget_min_ms}, {self.budget_max_ms}) must satisfy 0 < budget_min_ms < budget_max_ms")
+        kwargs = self.executor_generation_kwargs
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise ValueError(f"executor_generation_kwargs={kwargs!r} must be a dict (or its JSON text, e.g. '{{\"num_beams\": 1}}')")
         if self.budget_sampling not in ("uniform", "log_uniform"):
             raise ValueError(f"budget_sampling={self.budget_sampling!r}; allowed: 'uniform', 'log_uniform'")
         if self.latency_target not in ("ttft", "end_to_end"):

@@ -745,12 +745,23 @@ class TwoStageController(PreTrainedModel):
     @staticmethod
     def _budget_values(budgets: Any, n: int) -> list[float]:
         """:meth:`budget_tensor`'s checks, as a list of ``n`` floats."""
+        def number(b: Any) -> float:
+            # a string would otherwise be read one character per request, a bool as 0 or 1 ms
+            if isinstance(b, (str, bytes, bool)) or b is None or (isinstance(b, torch.Tensor) and b.dtype == torch.bool):
+                raise ValueError(f"latency budget {b!r} is not allowed: a budget must be a finite number of milliseconds > 0")
+            try:
+                return float(b)
+            except (TypeError, ValueError):
+                raise ValueError(f"latency budget {b!r} is not allowed: a budget must be a finite number of milliseconds > 0") from None
+
         if isinstance(budgets, torch.Tensor):
+            if budgets.dtype == torch.bool:
+                number(budgets)
             values = budgets.detach().to(torch.float64).reshape(-1).cpu().tolist()
-        elif isinstance(budgets, (int, float)) or (hasattr(budgets, "item") and not hasattr(budgets, "__len__")):
-            values = [float(budgets)]
+        elif isinstance(budgets, (str, bytes, bool, int, float)) or budgets is None or (hasattr(budgets, "item") and not hasattr(budgets, "__len__")):
+            values = [number(budgets)]
         else:
-            values = [float(b) for b in budgets]
+            values = [number(b) for b in budgets]
         for v in values:
             if not math.isfinite(v) or v <= 0:
                 raise ValueError(f"latency budget {v!r} ms is not allowed: a budget must be a finite number of milliseconds > 0")

@@ -130,6 +130,8 @@ def _check_budget_list(budgets: Any) -> list[float]:
         raise ValueError("the budget list is empty; give at least one latency budget in ms")
     out = []
     for i, b in enumerate(budgets):
+        if isinstance(b, bool):  # float(True) would run a 1 ms budget
+            raise ValueError(f"budget {i} = {b!r} is a bool, not a number (budgets are latencies in ms)")
         try:
             value = float(b)
         except (TypeError, ValueError):
@@ -802,9 +804,10 @@ def evaluate_budgets(
     config = getattr(controller, "config", None)
     lo, hi = getattr(config, "budget_min_ms", None), getattr(config, "budget_max_ms", None)
     outside = [b for b in budgets if lo is not None and hi is not None and not lo <= b / scale <= hi]
-    if outside:  # the controller reads them as the nearest end of its range (clamp_budget), worth knowing when reading its rows
+    if outside:  # worth knowing when reading the controller's rows
         metadata["budgets outside the controller's training range"] = (
-            ", ".join(f"{b:g} (read as {b / scale:.1f})" for b in outside) + f"; range {lo:g}-{hi:g} ms")
+            ", ".join(_outside_note(b, scale, lo, hi, getattr(config, "clamp_budget", True)) for b in outside)
+            + f"; range {lo:g}-{hi:g} ms")
     result = EvaluationResult(
         budgets=budgets,
         outcomes=outcomes,
@@ -819,6 +822,19 @@ def evaluate_budgets(
     if output_dir is not None:
         result.save(output_dir)
     return result
+
+
+def _outside_note(budget: float, scale: float, lo: float, hi: float, clamp: bool) -> str:
+    """How the controller reads a budget outside its training range: the nearest end of the range
+    with ``clamp_budget``, else extrapolated (see :mod:`knob_grpo.controller`)."""
+    scaled = budget / scale
+    below = scaled < lo
+    seen = [] if scale == 1.0 else [f"{scaled:.1f} after the latency scale"]
+    if clamp:
+        seen.append(f"read as {lo if below else hi:g}, the range's {'lower' if below else 'upper'} end")
+    else:
+        seen.append(f"extrapolated {'below' if below else 'above'} the range, clamp_budget=False")
+    return f"{budget:g} ({', '.join(seen)})"
 
 
 # ============================================================================ command line

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+
+def _example_budget(lo: float, hi: float) -> float:
+    """A budget inside ``[lo, hi]`` for the card's example: the geometric midpoint (the middle of a
+    range spread geometrically, as the evaluation's budgets are), to three significant digits."""
+    mid = math.sqrt(lo * hi) if lo > 0 else (lo + hi) / 2
+    return min(max(float(f"{mid:.3g}"), lo), hi)
 
 
 def controller_model_card(
@@ -13,8 +21,16 @@ def controller_model_card(
     evaluation: str | None = None,
     plot: str | None = None,
     training_args: Any = None,
+    repo_id: str | None = None,
+    latency_profile_saved: bool | None = None,
 ) -> str:
-    """Markdown card naming the executor model, the knob space and the budget range."""
+    """Markdown card naming the executor model, the knob space and the budget range.
+
+    ``repo_id``: what the card's example loads the controller from (default ``model_name``); the
+    Hub id with its namespace when pushed. ``latency_profile_saved``: the rewards' latency profile
+    is saved beside the controller (``latency_profile.json``), which serving calibrates against
+    (default: ``training_args.latency_source`` is a profile's path).
+    """
     config = controller.config
     space = controller.knob_space
     lo, hi = config.budget_range
@@ -30,7 +46,8 @@ def controller_model_card(
         "A two-stage knob controller trained with GRPO by [knob_grpo](https://pypi.org/project/knob-grpo/).",
         "Given a request and a latency budget it chooses how the executor model runs the request.",
         "",
-        f"- **Executor model:** `{config.executor_name_or_path}` ({space.num_blocks} blocks"
+        "- **Executor model:** " + (f"`{config.executor_name_or_path}`" if config.executor_name_or_path else "not recorded")
+        + f" ({space.num_blocks} blocks"
         + (f", {space.num_experts} experts, top-{space.default_top_k}" if space.num_experts else ", dense")
         + ")",
         f"- **Budget range:** {lo:g}–{hi:g} ms",
@@ -59,13 +76,25 @@ def controller_model_card(
         "from transformers import AutoModel",
         "import knob_grpo",
         "",
-        f'controller = AutoModel.from_pretrained("{model_name}")',
-        f'executor = knob_grpo.AdaptiveModel.from_pretrained("{config.executor_name_or_path}")',
-        'result = executor.generate("your question", [image], latency_budget=250.0, controller=controller)',
+        f'controller = AutoModel.from_pretrained("{repo_id or model_name}")',
+        f'executor = knob_grpo.AdaptiveModel.from_pretrained("{config.executor_name_or_path}")'
+        if config.executor_name_or_path else
+        "executor = ...  # load the executor the controller was trained for: knob_grpo.AdaptiveModel.from_pretrained(...)",
+        f'result = executor.generate("your question"{", [image]" if space.tiers else ""}, '
+        f"latency_budget={_example_budget(lo, hi):g}, controller=controller)",
         "print(result.knobs, result.output)",
         "```",
     ]
     if training_args is not None:
-        lines += ["", "## Training", "", f"GRPO with G={training_args.num_generations}, learning rate {training_args.learning_rate:g}, "
-                  f"latency source `{training_args.latency_source}`, budgets limit `{training_args.latency_target}`."]
+        args = training_args
+        if latency_profile_saved is None:
+            latency_profile_saved = args.latency_source != "measured"
+        source = "a latency profile (saved as `latency_profile.json`)" if latency_profile_saved else f"`{args.latency_source}`"
+        lines += ["", "## Training", "", f"GRPO with G={args.num_generations}, learning rate {args.learning_rate:g}, "
+                  f"latency source {source}, budgets limit `{args.latency_target}`, latency margin {args.latency_margin:g}, "
+                  f"decision overhead {args.decision_overhead_ms:g} ms."]
+        if latency_profile_saved:
+            lines += ["", "Where the controller is served, set its `latency_scale` from "
+                      "`knob_grpo.profiling.suggest_latency_scale` with the saved `latency_profile.json` and "
+                      f"`latency_margin={args.latency_margin:g}`."]
     return "\n".join(lines) + "\n"

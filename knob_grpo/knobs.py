@@ -49,7 +49,7 @@ def _allowed(values: Sequence[Any]) -> str:
 def _check_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         # Accept numpy / torch integer scalars, refuse floats and strings.
-        if hasattr(value, "item") and not isinstance(value, float):
+        if hasattr(value, "item") and not isinstance(value, float) and getattr(value, "ndim", 0) == 0:
             item = value.item()
             if isinstance(item, int) and not isinstance(item, bool):
                 return item
@@ -102,6 +102,13 @@ class KnobSpace:
             )
         if len(set(self.tiers)) != len(self.tiers):
             raise ValueError(f"tiers must be distinct, got {list(self.tiers)}")
+        for name, options in (("insertion_positions", self.insertion_positions), ("top_k_options", self.top_k_options)):
+            if len(set(options)) != len(options):
+                raise ValueError(f"{name} must be distinct, got {list(options)}")
+        if self.default_top_k is not None:
+            k = _check_int("default_top_k", self.default_top_k)
+            if self.num_experts is not None and not 1 <= k <= _check_int("num_experts", self.num_experts):
+                raise ValueError(f"default_top_k={k} is not possible: it must be between 1 and the model's {self.num_experts} experts")
         if self.top_k_options:
             if self.num_experts is None or self.default_top_k is None:
                 raise ValueError("a KnobSpace with top_k_options needs num_experts and default_top_k")
@@ -110,6 +117,8 @@ class KnobSpace:
                     raise ValueError(
                         f"top_k={k} is not possible: it must be between 1 and the model's {self.num_experts} experts"
                     )
+        _check_int("max_dropped_blocks", self.max_dropped_blocks)
+        _check_int("min_blocks_after_insertion", self.min_blocks_after_insertion)
         if self.max_dropped_blocks < 0:
             raise ValueError(f"max_dropped_blocks={self.max_dropped_blocks} must be >= 0")
         if self.min_blocks_after_insertion < 1:
@@ -144,6 +153,9 @@ class KnobSpace:
         if min_blocks_after_insertion is None:
             min_blocks_after_insertion = max(1, n - max(insertion_positions))
         if default_top_k is None:
+            if top_k_options:
+                raise ValueError(f"top_k_options={list(top_k_options)} given for a dense model (default_top_k=None): "
+                                 "a dense model has no top_k knob")
             top_k_options = ()
         elif top_k_options is None:
             top_k_options = range(max(1, math.ceil(default_top_k / 2)), default_top_k + 1)

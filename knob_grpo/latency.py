@@ -65,6 +65,8 @@ def _check_target(target: str) -> str:
 
 
 def _check_budget(budget: Any, name: str = "budget_ms") -> float:
+    if isinstance(budget, bool):  # float(True) == 1.0 would pass as a 1 ms budget
+        raise ValueError(f"{name}={budget!r} is a bool, not a number; it must be a finite number > 0")
     try:
         value = float(budget)
     except (TypeError, ValueError):
@@ -332,6 +334,16 @@ DECODE_FEATURES: tuple[str, ...] = (
 )
 
 
+def _check_feature(name: str, value: Any, low: int, what: str) -> None:
+    # A NaN or negative feature would give a NaN or negative latency without any error.
+    try:
+        ok = not isinstance(value, bool) and math.isfinite(float(value)) and value >= low
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"profile feature {name}={value!r} must be a finite number >= {low} ({what})")
+
+
 def profile_features(record: Any) -> dict[str, dict[str, float]]:
     """The TTFT and decode-per-token feature values of one record (see ``TTFT_FEATURES``).
 
@@ -342,9 +354,10 @@ def profile_features(record: Any) -> dict[str, dict[str, float]]:
     """
     r = _as_record(record)
     for name in ("vision_tokens", "text_tokens", "num_active_blocks", "output_tokens", "insertion_position"):
-        value = getattr(r, name)
-        if value < 0:
-            raise ValueError(f"{name}={value} must be >= 0")
+        _check_feature(name, getattr(r, name), 0, "a count of tokens or blocks")
+    for name in ("top_k", "default_top_k"):
+        if getattr(r, name) is not None:  # None: a dense model (top_k) or top_k everywhere (default_top_k)
+            _check_feature(name, getattr(r, name), 1, "experts per token, or None")
     prompt = float(r.vision_tokens + r.text_tokens)
     blocks = float(r.num_active_blocks)
     if r.top_k is None:
@@ -429,6 +442,33 @@ def current_device_name(device: str | torch.device | None = None) -> str:
     return f"cpu:{model} x{os.cpu_count()}"
 
 
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in nested dicts and lists) replaced by ``None``."""
+    if isinstance(value, Mapping):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _device_and_executor(device: Any, executor: Any) -> tuple[str, Any]:
+    """The device name and executor name of :meth:`LatencyProfile.fit`/``load`` arguments: an
+    executor object gives its ``name_or_path`` and, unless ``device`` is given, its device."""
+    executor_device = None
+    if executor is not None and not isinstance(executor, str):
+        if not hasattr(executor, "name_or_path"):
+            raise ValueError(f"executor={executor!r} must be the executor's name (a str) or the executor "
+                             "(an object with name_or_path and device, e.g. an AdaptiveModel)")
+        executor_device, executor = getattr(executor, "device", None), str(executor.name_or_path)
+    if device is None:
+        device = current_device_name(executor_device)
+    elif isinstance(device, torch.device):
+        device = current_device_name(device)
+    return device, executor
+
+
 _FORMAT = "knob_grpo.latency_profile"
 _VERSION = 1
 
@@ -454,8 +494,8 @@ class LatencyProfile:
     def fit(
         cls,
         records: Sequence[Any],
-        device: str | None = None,
-        executor: str = "unknown",
+        device: str | torch.device | None = None,
+        executor: Any = "unknown",
         metadata: Mapping[str, Any] | None = None,
     ) -> "LatencyProfile":
         """Fit TTFT and decode-per-token by non-negative least squares.
@@ -463,9 +503,16 @@ class LatencyProfile:
         Each record (a :class:`ProfileRecord`, a dict or an object with those fields) needs the
         feature fields and ``ttft_ms``; records with ``output_tokens > 1`` and a
         ``decode_ms_per_token`` also feed the decode fit (at least one is required).
-        ``device`` defaults to :func:`current_device_name`; ``executor`` identifies the model and
-        executor (e.g. ``"molmoe-1b/adaptive-v1"``): a profile never transfers between executors.
+        ``executor`` identifies the model and executor (e.g. ``"molmoe-1b/adaptive-v1"``): a
+        profile never transfers between executors. ``device`` is a device name as
+        :func:`current_device_name` gives it, or a ``torch.device`` to name. Its default is the
+        executor's device when ``executor`` is the executor object (e.g. an
+        :class:`~knob_grpo.adaptive.AdaptiveModel`: its ``name_or_path`` then names it), else
+        :func:`current_device_name` ``()``, which is CUDA whenever CUDA is available -- not
+        necessarily where the records were timed (:func:`knob_grpo.profiling.fit_profile` names
+        the executor's device).
         """
+        device, executor = _device_and_executor(device, executor)
         records = [_as_record(r) for r in records]
         if not records:
             raise ValueError("LatencyProfile.fit got no records; run a profiling sweep first")
@@ -492,7 +539,7 @@ class LatencyProfile:
                 stacklevel=2,
             )
         return cls(
-            device=device if device is not None else current_device_name(),
+            device=device,
             executor=executor,
             ttft_coef=_fit_columns(ttft_rows, ttft_y, TTFT_FEATURES),
             decode_coef=_fit_columns(dec_rows, dec_y, DECODE_FEATURES),
@@ -504,7 +551,9 @@ class LatencyProfile:
     def predict(self, features: Any) -> dict[str, float]:
         """Predicted ``ttft_ms``, ``decode_ms_per_token`` and ``end_to_end_ms`` of one configuration.
 
-        ``features`` holds the record's feature fields (timings are ignored).
+        ``features`` holds the record's feature fields (timings are ignored). A feature that is not a
+        finite number (counts >= 0, ``top_k``/``default_top_k`` >= 1 or ``None``) is a ``ValueError``
+        naming it.
         """
         r = _as_record(features)
         values = profile_features(r)
@@ -577,7 +626,8 @@ class LatencyProfile:
 
         An existing profile file is updated in place: profiles of other devices or executors
         stay, the entry for this device and executor is replaced. One file can thus carry the
-        profiles of every machine a model is deployed on.
+        profiles of every machine a model is deployed on. The file is strict JSON: a NaN or infinite
+        metadata value is written as ``null`` (and loads as ``None``).
         """
         path = Path(path)
         data: dict[str, Any] = {"format": _FORMAT, "version": _VERSION, "profiles": {}}
@@ -589,7 +639,8 @@ class LatencyProfile:
         data["profiles"].setdefault(self.device, {})[self.executor] = self.to_dict()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+        # Strict JSON has no NaN/inf (e.g. a held-out error nobody could measure): write them as null.
+        tmp.write_text(json.dumps(_finite_or_null(data), indent=2, sort_keys=True, allow_nan=False), encoding="utf-8")
         tmp.replace(path)  # atomic: a crash never leaves half a profile behind
         return path
 
@@ -597,11 +648,17 @@ class LatencyProfile:
     def load(
         cls,
         path: str | os.PathLike,
-        device: str | None = None,
-        executor: str | None = None,
+        device: str | torch.device | None = None,
+        executor: Any = None,
         strict: bool = True,
     ) -> "LatencyProfile":
-        """Load the profile for ``executor`` on ``device`` (default: :func:`current_device_name`).
+        """Load the profile for ``executor`` on ``device``.
+
+        ``device`` is a device name or a ``torch.device``, as for :meth:`fit`, with the same
+        default: the executor's device when ``executor`` is the executor object, else
+        :func:`current_device_name` ``()`` -- CUDA whenever CUDA is available, even for an
+        executor on the CPU (:func:`knob_grpo.profiling.load_profile_for` names the executor's
+        device).
 
         * Another executor is always an error (``ValueError`` naming both): its costs are
           unrelated. ``executor=None`` accepts the file's only executor.
@@ -610,6 +667,7 @@ class LatencyProfile:
           with ``strict=False`` a ``UserWarning`` and the file's profile is used (e.g. for tests or
           for a first run before profiling the new machine).
         """
+        wanted, executor = _device_and_executor(device, executor)
         path = Path(path)
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("format") != _FORMAT:
@@ -630,7 +688,6 @@ class LatencyProfile:
                 f"{path} was profiled for executor {', '.join(executors)}, not for executor {executor!r}; "
                 "profile this executor before using its latencies"
             )
-        wanted = device if device is not None else current_device_name()
         if wanted in devices:
             chosen = wanted
         elif strict:

@@ -671,16 +671,40 @@ def suggest_budget_range(records: Sequence[SweepRecord], target: str = "ttft", o
     above the slowest one's (every configuration fits the largest budget); both after scaling by
     ``1 + latency_margin`` and adding ``overhead_ms`` (the controller's decision time,
     :func:`measure_decision_overhead`), which is how the rewards see a configuration's latency.
+    Both margins are finite factors >= 1, ``overhead_ms`` a finite number >= 0 and
+    ``latency_margin`` a fraction in [0, 1) (anything else is a ``ValueError`` naming it); so are
+    configurations whose latencies lie too close together for the margins to give a range (the
+    smallest budget at or above the largest).
     """
     if target not in ("ttft", "end_to_end"):
         raise ValueError(f"target={target!r}; allowed: 'ttft', 'end_to_end'")
+    latency_margin = _check_latency_margin(latency_margin)
+    overhead_ms = _check_number("overhead_ms", overhead_ms, 0, "the controller's decision time in ms")
+    # below 1 the cheapest configuration would miss the smallest budget, the slowest the largest
+    low_margin = _check_number("low_margin", low_margin, 1, "a factor above the cheapest configuration's latency")
+    high_margin = _check_number("high_margin", high_margin, 1, "a factor above the slowest configuration's latency")
     by_config: dict[str, list[float]] = {}
     for r in records:
         by_config.setdefault(str(r.knobs), []).append(r.ttft_ms if target == "ttft" else r.end_to_end_ms)
     if not by_config:
         raise ValueError("suggest_budget_range needs profiling records (profile_executor's output); got none")
     medians = sorted(statistics.median(v) * (1 + latency_margin) for v in by_config.values())
-    return round((medians[0] + overhead_ms) * low_margin, 1), round((medians[-1] + overhead_ms) * high_margin, 1)
+    low, high = round((medians[0] + overhead_ms) * low_margin, 1), round((medians[-1] + overhead_ms) * high_margin, 1)
+    if low >= high:
+        raise ValueError(f"the profiled configurations span {medians[0]:.1f}-{medians[-1]:.1f} ms, too little for a budget "
+                         f"range with low_margin={low_margin} and high_margin={high_margin} ({low} >= {high} ms); "
+                         "profile more configurations or narrow the margins")
+    return low, high
+
+
+def _check_number(name: str, value: Any, minimum: float, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not (math.isfinite(number) and number >= minimum):
+        raise ValueError(f"{name}={value!r} must be a finite number >= {minimum:g} ({what})")
+    return number
 
 
 def suggest_latency_margin(profile: LatencyProfile, records: Sequence[SweepRecord] | Sequence[Sequence[SweepRecord]],
@@ -694,6 +718,9 @@ def suggest_latency_margin(profile: LatencyProfile, records: Sequence[SweepRecor
     default, pooling was the safer choice: the median over configurations of each one's excess
     gave 3.5% in one run, and that run's controller exceeded the smallest budget in 22% of the
     evaluation's runs (pooled margins of 9–10% kept it at 1–2%).
+
+    The records may be :class:`SweepRecord` s, dicts or other objects with their fields, as
+    :meth:`LatencyProfile.holdout_excess` takes them.
 
     ``records`` may also be several passes over the same runs (a list of record lists); the margin
     is then the smallest pass's. A burst of load from elsewhere on the machine inflates only the
@@ -728,7 +755,10 @@ def _pass_excess(profile: LatencyProfile, records: Any, target: str, q: float, c
     """``profile.holdout_excess`` (in %) of each pass of timed records (one list, or a list of lists)."""
     if target not in ("ttft", "end_to_end"):
         raise ValueError(f"target={target!r}; allowed: 'ttft', 'end_to_end'")
-    passes = [list(p) for p in records] if records and not isinstance(records[0], ProfileRecord) else [list(records)]
+    # one pass of records (as LatencyProfile.holdout_excess takes them: records, dicts or objects with
+    # the fields), or a list of such passes
+    is_record = lambda r: isinstance(r, (ProfileRecord, Mapping)) or hasattr(r, "vision_tokens")  # noqa: E731
+    passes = [list(p) for p in records] if records and not is_record(records[0]) else [list(records)]
     if not all(passes):
         raise ValueError(f"{caller} needs timed records (profile_executor's output); got none")
     return [profile.holdout_excess(p, q)[target] for p in passes]

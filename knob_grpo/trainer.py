@@ -24,6 +24,7 @@ Everything else (the repeat sampler that puts each prompt's G rows together, buf
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import os
@@ -42,6 +43,7 @@ from .config import KnobGRPOConfig
 from .controller import TwoStageController, _entropy, prompt_features
 from .knobs import KNOB_NAMES, Knobs
 from .latency import LatencyMeter, LatencyProfile
+from .profiling import load_profile_for
 from .rewards import _references
 
 
@@ -113,6 +115,36 @@ def _sequences_and_logits(output: Any) -> tuple[torch.Tensor, tuple[torch.Tensor
     return output.sequences, output.logits
 
 
+def _check_budget_range(args: KnobGRPOConfig, controller: TwoStageController) -> None:
+    """Fill the config's unset budget range with the controller's, and refuse one that differs:
+    budgets drawn outside the range the controller encodes would be clamped to its ends."""
+    own = tuple(float(v) for v in controller.config.budget_range)
+    given = (args.budget_min_ms, args.budget_max_ms)
+    if any(v is not None and float(v) != o for v, o in zip(given, own)):
+        raise ValueError(f"budget_min_ms, budget_max_ms = ({given[0]}, {given[1]}) ms differ from the controller's budget_range "
+                         f"({own[0]:g}, {own[1]:g}) ms (budgets outside it all read as its ends); leave them unset (None: the "
+                         "controller's range) or set them to it")
+    args.budget_min_ms, args.budget_max_ms = own
+
+
+def _check_columns(args: KnobGRPOConfig, datasets: dict[str, Any]) -> None:
+    """The columns the trainer reads exist, checked before the first step. The image and budget
+    columns may be absent (no image; drawn budgets) only under their default names: a name the user
+    set that is missing is a typo, not "absent"."""
+    settings = [("prompt_column", args.prompt_column)]
+    if args.image_column not in (None, "image"):
+        settings.append(("image_column", args.image_column))
+    if args.budget_column != "budget":
+        settings.append(("budget_column", args.budget_column))
+    for split, dataset in datasets.items():
+        columns = getattr(dataset, "column_names", None)
+        if columns is None:  # not a datasets.Dataset, or an iterable one of unknown columns
+            continue
+        for name, column in settings:
+            if column not in columns:
+                raise ValueError(f"{name}={column!r}: {split} has no column {column!r}; its columns: {', '.join(map(repr, columns))}")
+
+
 def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
     # masked options hold -inf; log_softmax keeps them at -inf and the others finite
     return torch.log_softmax(logits.float(), dim=-1)
@@ -159,6 +191,10 @@ class KnobGRPOTrainer(GRPOTrainer):
             raise TypeError("args must be a KnobGRPOConfig")
         model.check_executor(executor)
         _check_unscaled(model)
+        _check_budget_range(args, model)
+        evals = eval_dataset if isinstance(eval_dataset, dict) else {"": eval_dataset}
+        _check_columns(args, {"train_dataset": train_dataset,
+                              **{f"eval_dataset[{k!r}]" if k else "eval_dataset": d for k, d in evals.items() if d is not None}})
         funcs = [reward_funcs] if callable(reward_funcs) else list(reward_funcs)
         if not funcs:
             raise ValueError("KnobGRPOTrainer needs at least one reward function")
@@ -193,7 +229,7 @@ class KnobGRPOTrainer(GRPOTrainer):
         self.knob_space = executor.knob_space
 
         if latency_profile is None and args.latency_source != "measured":
-            latency_profile = LatencyProfile.load(args.latency_source, executor=executor.name_or_path)
+            latency_profile = load_profile_for(executor, args.latency_source)  # this executor on the device it runs on
         self.latency_profile = latency_profile
         self.fused_rollouts = model.stage2_mode == "latency_token" and (
             args.rollout_mode == "fused" or (args.rollout_mode == "auto" and latency_profile is not None)
@@ -205,12 +241,31 @@ class KnobGRPOTrainer(GRPOTrainer):
         names = [n for n in self.reward_func_names if "budget" not in n or n.endswith("_within_budget")]
         self.accuracy_reward_name = names[0] if names else None
 
+    # ------------------------------------------------------------------ data
+    def _set_signature_columns_if_needed(self) -> None:
+        # remove_unused_columns=True keeps only these: the columns the trainer reads, and the answer the
+        # accuracy rewards and answer_logprobs read (TRL's list, prompt/image/images, would drop the
+        # budget column, and with it every budget, without a word)
+        if self._signature_columns is None:
+            args = self.args
+            self._signature_columns = [c for c in (args.prompt_column, args.image_column, args.budget_column, "answer") if c]
+
+    def _prompt_text(self, row: dict[str, Any]) -> str:
+        prompt = row[self.args.prompt_column]
+        if not isinstance(prompt, str):  # str() of a list of chat messages would be its Python repr
+            raise ValueError(f"prompt_column={self.args.prompt_column!r} holds a {type(prompt).__name__} ({str(prompt)[:80]}); "
+                             "KnobGRPOTrainer takes plain-text prompts: the executor applies its own chat template to the text")
+        return prompt
+
     # ------------------------------------------------------------------ budgets
     def _budget_for(self, row: dict[str, Any]) -> float:
         """The row's budget: its column, or a draw that every member of its group gets alike."""
         column = self.args.budget_column
         if column in row and row[column] is not None:
-            budget = float(row[column])
+            try:
+                budget = float(row[column])
+            except (TypeError, ValueError):
+                raise ValueError(f"budget {row[column]!r} in column '{column}' is not a number of ms") from None
             if not math.isfinite(budget) or budget <= 0:
                 raise ValueError(f"budget {row[column]!r} in column '{column}' must be a finite number of ms > 0")
             return budget
@@ -282,7 +337,9 @@ class KnobGRPOTrainer(GRPOTrainer):
         and answer log-probabilities as :meth:`_execute` on each; a row that ends early is cut after
         its end-of-sequence token)."""
         gen_kwargs = self._generation_kwargs()
-        sequences, logits = _sequences_and_logits(self.executor.generate_rows(prefix, tuples, **gen_kwargs))
+        # the prefix holds the tier (None for a row without an image, whatever tier was drawn), as in _execute
+        rows = [dataclasses.replace(knobs, tier=None) for knobs in tuples]
+        sequences, logits = _sequences_and_logits(self.executor.generate_rows(prefix, rows, **gen_kwargs))
         eos = gen_kwargs.get("eos_token_id", self.executor.model.generation_config.eos_token_id)
         eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         prompt_length = prefix.inputs["input_ids"].shape[1]
@@ -331,7 +388,7 @@ class KnobGRPOTrainer(GRPOTrainer):
         controller: TwoStageController = self.accelerator.unwrap_model(self.model)
 
         # prompt -> features
-        prompts = [str(row[args.prompt_column]) for row in inputs]
+        prompts = [self._prompt_text(row) for row in inputs]
         images = [row.get(args.image_column) for row in inputs] if args.image_column else [None] * len(inputs)
         budgets = [self._budget_for(row) for row in inputs]
         language = prompt_features(executor, prompts).to(device)
@@ -342,7 +399,8 @@ class KnobGRPOTrainer(GRPOTrainer):
         greedy_positions: list[int] = []  # stage1_credit="greedy_rest": the greedy p after each row's tier
 
         def group_key(i: int, tier: Any) -> Any:
-            return (prompts[i], _image_key(images[i]), tier) if self.fused_rollouts else i
+            # a row without an image runs no tier: its tuples share one prefill whatever tier they drew
+            return (prompts[i], _image_key(images[i]), tier if images[i] is not None else None) if self.fused_rollouts else i
 
         def latency_token_fn(tiers: list, positions: list) -> torch.Tensor:
             # Fused: rows of one request that share a tier share one prefill, run to the largest p
@@ -477,7 +535,7 @@ class KnobGRPOTrainer(GRPOTrainer):
         the sampled tuple's reward against the greedy one's. Given also the rewards of the tuples
         with the greedy ``p`` after each row's tier (``"greedy_rest"``), the tier gets those against
         their group's mean and ``p`` the greedy stage-2 tuple's reward against them. All are divided
-        by the same spread.
+        by the same spread, that of all these rewards (the group's, or the batch's).
         """
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
 
@@ -490,21 +548,26 @@ class KnobGRPOTrainer(GRPOTrainer):
             return values - torch.nanmean(values.view(-1, num_generations), dim=1).repeat_interleave(num_generations)
 
         rewards = weighted(rewards_per_func)
-        if greedy_rewards_per_func is None:
+        values = [rewards] + [weighted(r) for r in (greedy_rewards_per_func, rest_rewards_per_func) if r is not None]
+        if len(values) == 1:
             advantages = centred(rewards)
-        elif rest_rewards_per_func is None:
-            stage1_value = weighted(greedy_rewards_per_func)
+        elif len(values) == 2:
+            stage1_value = values[1]
             stage1, stage2 = centred(stage1_value), rewards - stage1_value
             advantages = torch.stack([stage1, stage1, stage2, stage2], dim=1)
         else:  # each decision against the same tuple with itself taken greedily, the tier against its group
-            tier_value, position_value = weighted(rest_rewards_per_func), weighted(greedy_rewards_per_func)
+            position_value, tier_value = values[1], values[2]
             advantages = torch.stack([centred(tier_value), position_value - tier_value, rewards - position_value,
                                       rewards - position_value], dim=1)
+        # The spread covers every reward that enters the advantages, the greedy tuples' too: a group
+        # whose sampled tuples tie but whose greedy one differs would otherwise be divided by ~1e-4.
+        # A group whose values all tie has advantages 0 (as in TRL).
+        pooled = torch.stack(values, dim=1)  # (N, 1 + greedy runs); a group's rows are consecutive
         if self.scale_rewards == "group":
-            grouped = rewards.view(-1, num_generations)
-            spread = nanstd(grouped, dim=1).repeat_interleave(num_generations) if num_generations > 1 else torch.zeros_like(rewards)
+            grouped = pooled.reshape(-1, num_generations * pooled.shape[1])
+            spread = nanstd(grouped, dim=1).repeat_interleave(num_generations) if grouped.shape[1] > 1 else torch.zeros_like(rewards)
         elif self.scale_rewards == "batch":
-            spread = nanstd(rewards).expand_as(rewards)
+            spread = nanstd(pooled).expand_as(rewards)
         elif self.scale_rewards == "none":
             spread = None
         else:
@@ -655,6 +718,9 @@ class KnobGRPOTrainer(GRPOTrainer):
             evaluation=getattr(self, "evaluation_markdown", None),
             plot="pareto.png" if os.path.isfile(os.path.join(self.args.output_dir, "pareto.png")) else None,
             training_args=self.args,
+            # transformers passes the Hub id's bare name: the example loads from the full id
+            repo_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
+            latency_profile_saved=self.latency_profile is not None,
         )
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, "README.md"), "w") as f:

@@ -576,3 +576,99 @@ def test_configured_training_forward_has_gradients(vlm):
     assert layers[dropped].self_attn.q_proj.weight.grad is None
     assert layers[0].self_attn.q_proj.weight.grad is not None
     vlm.model.zero_grad(set_to_none=True)
+
+
+# --------------------------------------------------------------------------- inputs that would be silently ignored or misread
+def test_dropped_blocks_are_checked_integers_and_not_beside_num_active_blocks():
+    import numpy as np
+
+    model, tok = tiny_text_model("olmoe")
+    adaptive = AdaptiveModel(model, tok)
+    enc = tok([PROMPT], return_tensors="pt")
+
+    def logits(**kw):
+        with adaptive.configured(**kw) as knobs:
+            return model(**enc).logits, knobs
+
+    dropped, knobs = logits(dropped_blocks=[np.int64(2)])
+    assert torch.equal(dropped, logits(dropped_blocks=[2])[0]) and not torch.equal(dropped, logits()[0])
+    assert knobs.num_active_blocks == adaptive.num_blocks - 1  # the knobs yielded say what runs
+    for bad in ("2", 2.7, True):  # a string or float used to drop nothing, True to drop block 1
+        with pytest.raises(ValueError, match=f"dropped block={bad!r} must be an integer"):
+            logits(dropped_blocks=[bad])
+    with pytest.raises(ValueError, match=r"num_active_blocks=6 disagrees with dropped_blocks=\[2\], which leaves 5 of 6 blocks running"):
+        logits(num_active_blocks=6, dropped_blocks=[2])  # used to run with block 2 dropped and report 6 active blocks
+    assert torch.equal(logits(num_active_blocks=5, dropped_blocks=[2])[0], dropped)  # a matching count is fine
+    assert _active() is None
+
+
+def test_knobs_of_a_removed_wrapper_are_refused_not_run_at_the_full_setting():
+    model, tok = tiny_text_model("olmoe")
+    first, second = AdaptiveModel(model, tok), AdaptiveModel(model, tok)  # the second reuses the first's wrappers
+    cheap = second.generate(PROMPT, top_k=2, num_active_blocks=5, **GREEDY)
+    first.remove()
+    for adaptive in (first, second):
+        with pytest.raises(RuntimeError, match=r"wrappers were removed \(AdaptiveModel.remove\(\)\)"):
+            adaptive.generate(PROMPT, top_k=2, num_active_blocks=5, **GREEDY)
+        with pytest.raises(RuntimeError, match="wrappers were removed"):
+            with adaptive.configured(top_k=2):
+                pass
+    assert torch.equal(AdaptiveModel(model, tok).generate(PROMPT, top_k=2, num_active_blocks=5, **GREEDY), cheap)
+
+
+def test_knob_space_refuses_a_default_top_k_that_is_not_the_models():
+    model, tok = tiny_text_model("olmoe")  # top-4 of 8 experts
+    n = len(AdaptiveModel(model, tok).layers)
+    space = KnobSpace.from_model(n, default_top_k=2, num_experts=8, top_k_options=[1, 2])
+    with pytest.raises(ValueError, match=r"default_top_k=2 differs from the model's 4"):  # its "full" setting would run top-2
+        AdaptiveModel(model, tok, knob_space=space)
+    with pytest.raises(ValueError, match=r"default_top_k=9 is not possible: it must be between 1 and the model's 8 experts"):
+        KnobSpace(num_blocks=6, top_k_options=(2, 4), default_top_k=9, num_experts=8)
+    with pytest.raises(ValueError, match=r"insertion_positions must be distinct, got \[1, 1, 2\]"):
+        KnobSpace(num_blocks=6, insertion_positions=(1, 1, 2))
+    with pytest.raises(ValueError, match=r"top_k_options must be distinct, got \[2, 2, 4\]"):
+        KnobSpace(num_blocks=6, top_k_options=(2, 4, 2), default_top_k=4, num_experts=8)
+    with pytest.raises(ValueError, match=r"top_k_options=\[2\] given for a dense model"):
+        KnobSpace.from_model(6, top_k_options=[2])
+    with pytest.raises(ValueError, match=r"max_dropped_blocks=1.5 must be an integer"):
+        KnobSpace(num_blocks=6, max_dropped_blocks=1.5)
+    with pytest.raises(ValueError, match=r"must be an integer"):
+        AdaptiveModel(model, tok).generate(PROMPT, top_k=torch.tensor([2, 3]), **GREEDY)
+
+
+def test_no_tier_is_the_full_tier_also_below_the_processors_own_setting():
+    model, processor = tiny_vlm(moe=True)
+    adaptive = AdaptiveModel(model, processor, tier_pixels={"low": 256, "medium": 1024, "high": 2048})
+    image = tiny_image(1, size=64)
+    assert adaptive.resolve().tier == "high"
+    for text in (PROMPT, [PROMPT]):  # the processor's own cap is 64 x 64: the high tier here is below it
+        none, high = (adaptive.prepare_inputs(text, [image], tier=t) for t in (None, "high"))
+        assert torch.equal(none["input_ids"], high["input_ids"]) and torch.equal(none["pixel_values"], high["pixel_values"])
+    assert torch.equal(adaptive.generate(PROMPT, [image], **GREEDY), adaptive.generate(PROMPT, [image], tier="high", **GREEDY))
+    decided, knobs = adaptive.generate_with_decision(PROMPT, [image], decide=lambda token: (None, None), **GREEDY)
+    assert knobs.tier == "high" and torch.equal(decided, adaptive.generate(PROMPT, [image], tier="high", **GREEDY))
+
+
+def test_arguments_a_call_would_ignore_are_refused(vlm):
+    image = tiny_image(12)
+    inputs = vlm.prepare_inputs(PROMPT, [image], tier="low")
+    with pytest.raises(ValueError, match=r"images=\.\.\. needs text=\.\.\."):  # the image is already in the tensors
+        vlm.generate(images=[image], **inputs, **GREEDY)
+    with pytest.raises(ValueError, match=r"images=\.\.\. needs text=\.\.\."):
+        vlm.prefill(images=[image], insertion_position=2, **inputs)
+    with pytest.raises(ValueError, match=r"prefill does not generate tokens, so max_new_tokens=5 would have no effect"):
+        vlm.prefill(PROMPT, [image], tier="low", insertion_position=2, max_new_tokens=5)
+    with pytest.raises(ValueError, match=r"prefill does not generate tokens, so streamer="):
+        vlm.prefill(PROMPT, [image], tier="low", insertion_position=2, streamer=BaseStreamer())
+    state = vlm.prefill(PROMPT, [image], tier="low", insertion_position=2)
+    with pytest.raises(ValueError, match=r"generate\(prefix=\.\.\.\) continues one recorded prompt per row, so num_return_sequences=2"):
+        vlm.generate(prefix=state, num_return_sequences=2, **GREEDY)
+    with pytest.raises(ValueError, match=r"generate_rows continues one recorded prompt per row, so num_beams=2"):
+        vlm.generate_rows(state, [dict(top_k=2)], num_beams=2, **GREEDY)
+    with pytest.raises(ValueError, match=r"insertion_position='1' must be an integer"):
+        vlm.generate(prefix=state, insertion_position="1", **GREEDY)
+    with pytest.raises(ValueError, match=r"knobs\[0\]: insertion_position='1' must be an integer"):
+        vlm.generate_rows(state, [dict(insertion_position="1")], **GREEDY)
+    assert _active() is None
+    # the prepared tensors alone still run, and the refused calls left nothing behind
+    assert torch.equal(vlm.generate(**inputs, **GREEDY), vlm.generate(PROMPT, [image], tier="low", **GREEDY))

@@ -406,6 +406,19 @@ def test_bad_budgets_raise_naming_the_value(bad, vlm_space):
         ctrl.log_probs([vlm_space.full()] * 2, lang, torch.tensor([bad, 200.0]))
 
 
+@pytest.mark.parametrize("bad", ["45", "abc", None, True, b"4"])
+def test_budgets_that_are_not_numbers_raise_naming_the_value(bad, vlm_space):
+    """A string used to be read one character per request ("45" -> 4 and 5 ms), a bool as 1 ms."""
+    ctrl = make_controller(vlm_space, "prompt")
+    lang = torch.randn(2, 32)
+    pattern = re.escape(f"latency budget {bad!r} is not allowed")
+    for budgets in (bad, [200.0, bad]):
+        with pytest.raises(ValueError, match=pattern):
+            ctrl.decide(lang, budgets)
+    with pytest.raises(ValueError, match="latency budget tensor"):
+        ctrl.decide(lang, torch.tensor([True, False]))
+
+
 def test_budgets_outside_the_range_behave_like_its_ends(vlm_space):
     ctrl = make_controller(vlm_space, "prompt", head_scale=3.0)
     lang = torch.randn(4, 32)

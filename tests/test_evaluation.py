@@ -251,7 +251,8 @@ def test_latency_profile_sets_the_controller_scale_from_the_lookup_tables_own_ru
     scale = percentile(calibration_ttft, 95) / 0.5 / 1.25
     assert f"- controller latency scale: {scale:.3f} (" in result.to_markdown() and "25.0% latency margin" in result.to_markdown()
     assert seen and all(s == pytest.approx(scale) for s in seen)  # every decision, warm-up and timed, read the scale
-    assert f"- budgets outside the controller's training range: 10 (read as {10 / scale:.1f})" in result.to_markdown()
+    assert (f"- budgets outside the controller's training range: 10 ({10 / scale:.1f} after the latency scale, "
+            "read as 10, the range's lower end)") in result.to_markdown()
     assert controller.latency_scale == 1.7
     for budget in budgets:
         for row, outcome in zip(eval_rows, result.outcomes[("controller", budget)]):
@@ -301,11 +302,31 @@ def test_lookup_table_through_evaluate_budgets(vlm, data):
         assert o.score in (0.0, 1.0) and o.ttft_ms > 0 and o.knobs.tier in vlm.knob_space.tiers
 
 
+def test_metadata_says_how_the_controller_reads_budgets_outside_its_range(vlm, data):
+    """With clamp_budget (the default) a budget the latency scale moves outside the training range
+    is read as the range's nearest end; without it, it is extrapolated."""
+    eval_rows, _ = data
+    records = StaticSweep(executor=vlm.name_or_path, device=current_device_name(vlm.device), configs=[FAST],
+                          outcomes=[[outcome(1.0, 10.0, None)]], row_ids=["a calibration row"])
+    run = dict(profile_records=records, max_new_tokens=1, include_oracle=False, num_threads=THREADS, progress=False)
+    clamped = TwoStageController.for_executor(vlm, stage2_mode="latency_token", budget_range=(10, 100))
+    clamped.latency_scale = 2.0
+    metadata = evaluate_budgets(vlm, clamped, eval_rows[:1], [10.0, 150.0, 300.0], **run).metadata
+    assert metadata["budgets outside the controller's training range"] == (
+        "10 (5.0 after the latency scale, read as 10, the range's lower end), "
+        "300 (150.0 after the latency scale, read as 100, the range's upper end); range 10-100 ms")
+    raw = TwoStageController.for_executor(vlm, stage2_mode="latency_token", budget_range=(10, 100), clamp_budget=False)
+    metadata = evaluate_budgets(vlm, raw, eval_rows[:1], [5.0, 50.0], **run).metadata
+    assert metadata["budgets outside the controller's training range"] == (
+        "5 (extrapolated below the range, clamp_budget=False); range 10-100 ms")
+
+
 # --------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "budgets,message",
     [([], "budget list is empty"), ([100, 0], "budget 1 = 0"), ([-5], "budget 0 = -5"), ([float("nan")], "nan"),
-     ([float("inf")], "inf"), (["fast"], "'fast' is not a number"), ([100, 100], "repeat")],
+     ([float("inf")], "inf"), (["fast"], "'fast' is not a number"), ([100, 100], "repeat"),
+     ([True], "budget 0 = True is a bool, not a number")],
 )
 def test_bad_budgets(vlm, data, budgets, message):
     controller = TwoStageController.for_executor(vlm, stage2_mode="prompt")

@@ -4,6 +4,8 @@ import dataclasses
 import json
 import os
 import random
+import re
+import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -335,3 +337,72 @@ def test_report_writers(tmp_path):
         write_json([{k: v for k, v in rows[0].items() if k != "knobs"}], tmp_path / "x.json")
     with pytest.raises(ValueError, match="empty"):
         plot_pareto(pareto_series(rows), [], tmp_path / "y.png")
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def test_bool_budgets_are_refused():
+    # float(True) == 1.0: a bool would otherwise pass as a 1 ms budget
+    with pytest.raises(ValueError, match="budget_ms=True is a bool"):
+        violation_rate([1.0], True)
+    with pytest.raises(ValueError, match="budget_ms=False is a bool"):
+        lookup_table([("a", 0.5, 10.0)], [100, False])
+    with pytest.raises(ValueError, match="budget_ms=True is a bool"):
+        oracle_choice([[("a", 1.0, 0.5)]], True)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("vision_tokens", float("nan")), ("text_tokens", -1), ("num_active_blocks", float("inf")), ("output_tokens", "many"),
+    ("insertion_position", True), ("top_k", -3), ("top_k", 0), ("default_top_k", float("nan")),
+])
+def test_predict_and_fit_refuse_bad_features(name, value):
+    records = _synthetic_records(20, seed=5, noise=0.0)
+    profile = LatencyProfile.fit(records, device="d", executor="e")
+    bad = dataclasses.replace(records[0], **{name: value})
+    message = re.escape(f"{name}={value!r}")
+    with pytest.raises(ValueError, match=message):
+        profile.predict(bad)
+    with pytest.raises(ValueError, match=message):
+        LatencyProfile.fit(records[1:] + [bad], device="d", executor="e")
+    assert profile.predict(dataclasses.replace(records[0], top_k=None, default_top_k=None))["ttft_ms"] > 0  # dense: fine
+
+
+def test_profile_file_is_strict_json_with_unmeasured_metadata_as_null(tmp_path):
+    path = tmp_path / "latency.json"
+    metadata = {"holdout": {"ttft_mdape_pct": 1.5, "decode_per_token_mdape_pct": float("nan")}, "spread": [float("inf"), 2.0]}
+    profile = LatencyProfile.fit(_synthetic_records(20, seed=6), device="d", executor="e", metadata=metadata)
+    profile.save(path)
+    LatencyProfile.fit(_synthetic_records(20, seed=7), device="d2", executor="e", metadata=metadata).save(path)  # an update too
+
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    data = json.loads(path.read_text(), parse_constant=refuse)
+    assert data["profiles"]["d"]["e"]["metadata"] == {"holdout": {"ttft_mdape_pct": 1.5, "decode_per_token_mdape_pct": None},
+                                                     "spread": [None, 2.0]}
+    loaded = LatencyProfile.load(path, device="d", executor="e")
+    assert loaded.ttft_coef == pytest.approx(profile.ttft_coef) and loaded.decode_coef == pytest.approx(profile.decode_coef)
+    assert loaded.metadata["holdout"] == {"ttft_mdape_pct": 1.5, "decode_per_token_mdape_pct": None}
+
+
+def test_fit_and_load_name_the_executors_device(tmp_path, monkeypatch):
+    """Without device=, current_device_name() prefers CUDA whenever it is available; given the
+    executor object, fit and load name its device (and its name_or_path) instead."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    assert current_device_name() == "cuda:Fake GPU"
+    cpu = current_device_name("cpu")
+    executor = types.SimpleNamespace(name_or_path="tiny/v1", device=torch.device("cpu"))
+    records = _synthetic_records(20, seed=8)
+    profile = LatencyProfile.fit(records, executor=executor)
+    assert (profile.device, profile.executor) == (cpu, "tiny/v1")
+    assert LatencyProfile.fit(records, device=torch.device("cpu"), executor="tiny/v1").device == cpu
+    assert LatencyProfile.fit(records, executor="tiny/v1").device == "cuda:Fake GPU"  # a name alone: the documented default
+    path = profile.save(tmp_path / "latency.json")
+    loaded = LatencyProfile.load(path, executor=executor)  # strict: the executor's device must match
+    assert (loaded.device, loaded.executor) == (cpu, "tiny/v1") and loaded.ttft_coef == pytest.approx(profile.ttft_coef)
+    with pytest.raises(ValueError, match="cuda:Fake GPU"):
+        LatencyProfile.load(path, executor="tiny/v1")
+    with pytest.raises(ValueError, match=r"executor=42 must be the executor's name"):
+        LatencyProfile.load(path, executor=42)

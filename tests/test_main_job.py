@@ -58,14 +58,20 @@ def check_outputs(out, budgets=(20.0, 60.0)):
     assert "## Evaluation" in card and "| controller |" in card
 
 
-def test_train_script_defaults_and_overrides(tmp_path, monkeypatch):
+@pytest.fixture
+def train_script(monkeypatch):
+    """examples/train.py as a module."""
+    spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "examples", "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_script_defaults_and_overrides(tmp_path, train_script):
     """The script's own defaults (dense answer reward, rewards not divided by the group's spread, each
     decision credited through greedy later decisions, an exploration floor for stage 1, groups of 6), and
     the command line and a YAML file override them as for any TRL script."""
-    spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "examples", "train.py"))
-    train_script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, train_script)  # dataclasses look their module up there
-    spec.loader.exec_module(train_script)
     script, args = train_script.parse_args(["--output_dir", str(tmp_path)])
     assert script.answer_probability is True and args.scale_rewards == "none" and args.stage1_credit == "greedy_rest"
     assert (args.stage1_exploration, args.num_generations, args.per_device_train_batch_size) == (0.1, 6, 12)
@@ -81,6 +87,95 @@ def test_train_script_defaults_and_overrides(tmp_path, monkeypatch):
     script, args = train_script.parse_args(["--output_dir", str(tmp_path), "--train_budget_headroom", "0.9"])
     with pytest.raises(ValueError, match=r"train_budget_headroom=0\.9 must be a finite number >= 1"):
         train_script.main(script, args)
+
+
+
+def test_train_script_refuses_settings_it_would_overwrite(tmp_path, train_script, monkeypatch):
+    """An explicit latency margin, decision overhead or budget range is refused by name while the script derives
+    it on the device (the default), before anything loads, and kept once its derivation is turned off."""
+
+    def loading(*a, **k):
+        raise AssertionError("main went on to load and train")
+
+    monkeypatch.setattr(train_script, "PartialState", loading)
+    cases = [(["--latency_margin", "0.2"], "latency_margin_from_profile", r"--latency_margin 0\.2"),
+             (["--decision_overhead_ms", "1.5"], "measure_decision_overhead", r"--decision_overhead_ms 1\.5"),
+             (["--budget_min_ms", "20", "--budget_max_ms", "60"], "budget_range_from_profile",
+              r"--budget_min_ms 20\.0 and --budget_max_ms 60\.0"),
+             (["--budget_max_ms", "60"], "budget_range_from_profile", r"--budget_max_ms 60\.0")]
+    for given, flag, named in cases:
+        script, args = train_script.parse_args(["--output_dir", str(tmp_path), *given])
+        with pytest.raises(ValueError, match=rf"{named}: derived on this device while --{flag} is true; pass --{flag} false"):
+            train_script.main(script, args)
+        script, args = train_script.parse_args(["--output_dir", str(tmp_path), *given, f"--{flag}", "false"])
+        train_script.check_settings(script, args)  # accepted once the script derives nothing there
+    # the defaults are not mistaken for explicit settings
+    train_script.check_settings(*train_script.parse_args(["--output_dir", str(tmp_path)]))
+
+
+def test_train_script_text_column(tmp_path, train_script):
+    """The text column is --question_column or TRL's --prompt_column, and it is where the trainer reads
+    (args.prompt_column) and the profile and the evaluation read ('prompt'); two different columns, or one the
+    dataset lacks, are refused by name before anything loads."""
+    from datasets import Dataset, DatasetDict
+
+    def saved(name, **columns):
+        rows = Dataset.from_dict({**columns, "answer": ["red", "blue"]})
+        DatasetDict(train=rows, validation=rows, test=rows).save_to_disk(str(tmp_path / name))
+        return ["--output_dir", str(tmp_path / "out"), "--dataset_name", str(tmp_path / name)]
+
+    trl_style = saved("trl", prompt=["what is red ?", "what is blue ?"])
+    other = saved("other", text=["what is red ?", "what is blue ?"], question=["unused", "unused"])
+    for argv in (trl_style, trl_style + ["--prompt_column", "prompt"], trl_style + ["--question_column", "prompt"],
+                 other + ["--prompt_column", "text"], other + ["--question_column", "text"]):
+        script, args = train_script.parse_args(argv)
+        for rows in train_script.load_data(script, args):
+            assert [row[args.prompt_column] for row in rows] == ["what is red ?", "what is blue ?"], argv
+            assert rows[0]["prompt"] == "what is red ?" and rows[0]["answer"] == "red"
+    script, args = train_script.parse_args(other)  # no flag: the default 'prompt' is absent, 'question' is used
+    assert train_script.load_data(script, args)[0][0][args.prompt_column] == "unused"
+    script, args = train_script.parse_args(other + ["--question_column", "question", "--prompt_column", "text"])
+    with pytest.raises(ValueError, match=r"--question_column 'question' and --prompt_column 'text' both name the text column"):
+        train_script.load_data(script, args)
+    script, args = train_script.parse_args(trl_style + ["--question_column", "query"])
+    with pytest.raises(ValueError, match=r"text column 'query' is not in the dataset \(its columns: prompt, answer\)"):
+        train_script.load_data(script, args)
+
+
+def test_train_script_splits(tmp_path, train_script):
+    """A missing split is named with the splits there are and its flag; a folder holding a single Dataset is
+    explained (the script needs three splits)."""
+    from datasets import Dataset, DatasetDict
+
+    rows = Dataset.from_dict({"prompt": ["what is red ?"], "answer": ["red"]})
+    DatasetDict(train=rows, test=rows).save_to_disk(str(tmp_path / "two"))
+    rows.save_to_disk(str(tmp_path / "single"))
+    script, args = train_script.parse_args(["--output_dir", str(tmp_path / "out"), "--dataset_name", str(tmp_path / "two")])
+    with pytest.raises(ValueError, match=r"--dataset_profile_split 'validation': .*two has no such split; its splits are 'train', 'test' "
+                                         r"\(pass --dataset_profile_split with one of them\)"):
+        train_script.load_data(script, args)
+    script.dataset_profile_split = "test"
+    assert [len(split) for split in train_script.load_data(script, args)] == [1, 1, 1]
+    script.dataset_name = str(tmp_path / "single")
+    with pytest.raises(ValueError, match=r"single holds a single Dataset \(Dataset.save_to_disk\); the script needs train, profile "
+                                         r"and test splits: save a DatasetDict"):
+        train_script.load_data(script, args)
+
+
+
+def test_train_script_controller_budget_range(tmp_path, train_script):
+    """The controller gets the budget range set in KnobGRPOConfig, and its own default range while that is unset
+    (as before the profile sets it, when the decision overhead is measured)."""
+    from knob_grpo import AdaptiveModel, TwoStageController
+    from knob_grpo.embedded import TIER_PIXELS, build_model, build_processor, knob_space
+
+    executor = AdaptiveModel(build_model(seed=0), build_processor(), knob_space=knob_space(), tier_pixels=dict(TIER_PIXELS))
+    script, args = train_script.parse_args(["--output_dir", str(tmp_path)])
+    default = TwoStageController.for_executor(executor).config.budget_range
+    assert train_script.new_controller(executor, script, args).config.budget_range == default
+    script, args = train_script.parse_args(["--output_dir", str(tmp_path), "--budget_range_from_profile", "false",
+                                            "--budget_min_ms", "20", "--budget_max_ms", "60"])
+    assert tuple(train_script.new_controller(executor, script, args).config.budget_range) == (20.0, 60.0)
 
 
 @pytest.mark.slow

@@ -203,3 +203,16 @@ def test_rows_continued_from_one_prefix_equal_separate_generates(molmo):
     for row, knobs in zip(out, configs):
         plain = molmo.generate(PROMPT, [image], tier="medium", **knobs, **GREEDY)[0]
         assert torch.equal(row[: plain.shape[0]], plain), knobs
+
+
+def test_prefix_of_prepared_tensors_keeps_every_processor_input(molmo):
+    """From prepared tensors (Molmo2's image_token_pooling, image_grids, image_num_crops included),
+    prefill + continue gives the one-shot tokens: the prefix records every input the processor made."""
+    image = big_image(8)
+    inputs = molmo.prepare_inputs(PROMPT, [image], tier="medium")
+    assert {"image_token_pooling", "image_grids", "image_num_crops"} <= set(inputs)
+    state = molmo.prefill(insertion_position=2, **inputs)
+    assert set(inputs) <= set(state.inputs)
+    one_shot = molmo.generate(**inputs, insertion_position=1, num_active_blocks=3, **GREEDY)
+    assert torch.equal(molmo.generate(prefix=state, insertion_position=1, num_active_blocks=3, **GREEDY), one_shot)
+    assert torch.equal(one_shot, molmo.generate(PROMPT, [image], tier="medium", insertion_position=1, num_active_blocks=3, **GREEDY))

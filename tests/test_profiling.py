@@ -267,12 +267,17 @@ def test_thread_cpu_clock(vlm, samples):
         assert fit_profile(vlm, records=records)[1]["clock"] == "thread_cpu"
 
 
-def test_suggest_budget_range_from_hand_built_records():
+def budget_range_records():
     fast, slow = Knobs("low", 1, 2, 5), Knobs("high", 1, 4, 6)
     records = [SweepRecord(vision_tokens=4, text_tokens=5, num_active_blocks=5, ttft_ms=t, end_to_end_ms=3 * t, knobs=fast)
                for t in (10.0, 12.0, 30.0)]  # median 12
     records += [SweepRecord(vision_tokens=16, text_tokens=5, num_active_blocks=6, ttft_ms=t, end_to_end_ms=2 * t, knobs=slow)
                 for t in (40.0, 50.0)]  # median 45
+    return records
+
+
+def test_suggest_budget_range_from_hand_built_records():
+    records = budget_range_records()
     assert suggest_budget_range(records) == (round(12.0 * 1.15, 1), round(45.0 * 1.1, 1))
     assert suggest_budget_range(records, overhead_ms=1.0) == (round(13.0 * 1.15, 1), round(46.0 * 1.1, 1))
     assert suggest_budget_range(records, "end_to_end") == (round(36.0 * 1.15, 1), round(90.0 * 1.1, 1))
@@ -283,6 +288,40 @@ def test_suggest_budget_range_from_hand_built_records():
         suggest_budget_range(records, "p99")
     with pytest.raises(ValueError, match="needs profiling records"):
         suggest_budget_range([])
+
+
+@pytest.mark.parametrize("name,value,allowed", [
+    ("latency_margin", -2.0, r"a fraction in \[0, 1\)"), ("latency_margin", float("nan"), r"a fraction in \[0, 1\)"),
+    ("overhead_ms", float("nan"), "a finite number >= 0"), ("overhead_ms", -1.0, "a finite number >= 0"),
+    ("low_margin", 0.0, "a finite number >= 1"), ("low_margin", float("inf"), "a finite number >= 1"),
+    ("high_margin", 0.5, "a finite number >= 1"), ("high_margin", True, "a finite number >= 1"),
+])
+def test_suggest_budget_range_refuses_bad_arguments(name, value, allowed):
+    with pytest.raises(ValueError, match=re.escape(f"{name}={value!r}") + ".*" + allowed):
+        suggest_budget_range(budget_range_records(), **{name: value})
+
+
+def test_suggest_budget_range_refuses_an_empty_range():
+    # one configuration: 1.15 x its latency is above 1.1 x it, no range to train on
+    only_fast = budget_range_records()[:3]
+    with pytest.raises(ValueError, match=r"span 12\.0-12\.0 ms, too little .* \(13\.8 >= 13\.2 ms\)"):
+        suggest_budget_range(only_fast)
+    assert suggest_budget_range(only_fast, low_margin=1.0, high_margin=1.5) == (12.0, 18.0)
+
+
+def test_suggest_latency_margin_and_scale_take_dict_records():
+    """Dicts with the record fields, as LatencyProfile.holdout_excess takes them; also as passes."""
+    import dataclasses
+
+    exact, _ = synthetic_records(n_samples=20)
+    profile = LatencyProfile.fit(exact, device="d", executor="e")
+    timed = [dataclasses.replace(r, ttft_ms=r.ttft_ms * (1 + (i % 10) / 100)) for i, r in enumerate(exact)]
+    dicts = [dataclasses.asdict(r) for r in timed]
+    margin = suggest_latency_margin(profile, timed)
+    assert margin > 0.05
+    assert suggest_latency_margin(profile, dicts) == margin
+    assert suggest_latency_margin(profile, [dicts, dicts]) == margin
+    assert suggest_latency_scale(profile, dicts, 0.02) == suggest_latency_scale(profile, timed, 0.02)
 
 
 def test_suggest_latency_margin_is_the_p95_excess_of_single_runs():

@@ -218,6 +218,8 @@ def test_stage1_options_are_checked():
     (dict(repetition_penalty=1.2), "repetition_penalty=1.2"),
     (dict(top_entropy_quantile=0.2), "top_entropy_quantile=0.2"),
     (dict(multi_objective_aggregation="normalize_then_sum"), "multi_objective_aggregation='normalize_then_sum'"),
+    (dict(mask_truncated_completions=True), "mask_truncated_completions=True: .* leave it at False"),
+    (dict(cast_lm_head_to_fp32=True), "cast_lm_head_to_fp32=True: .* leave it at False"),
     (dict(loss_type="cispo"), "loss_type='cispo'; allowed: 'dapo', 'grpo', 'bnpo'"),
     (dict(importance_sampling_level="group"), "importance_sampling_level='group'; allowed: 'token' .* 'sequence'"),
     (dict(temperature=0.0), "temperature=0.0 must be a finite number > 0"),
@@ -533,6 +535,42 @@ def test_batched_rollouts_equal_one_generate_per_tuple(tmp_path):
     assert seen[True]["calls_per_row"] == len(seen[True]["calls"]) / 16 < seen[False]["calls_per_row"]
 
 
+def test_rows_without_an_image_on_an_executor_with_tiers(tmp_path):
+    """Text-only rows on a vision-language executor: whatever tier a tuple drew, it runs without one,
+    continued from one shared prefill per request, with the tokens of a plain generate (batched or not)."""
+    from tiny import tiny_vlm
+
+    executor = AdaptiveModel(*tiny_vlm(moe=True))
+    seen = {}
+    for batched in (True, False):
+        torch.manual_seed(0)
+        controller = TwoStageController.for_executor(executor, stage2_mode="latency_token", budget_range=(50.0, 150.0))
+        dataset = Dataset.from_dict({"prompt": [PROMPTS[0]] * 8 + [PROMPTS[1]] * 8, "budget": [HIGH] * 16})
+        args = KnobGRPOConfig(output_dir=str(tmp_path / str(batched)), num_generations=8, per_device_train_batch_size=16, max_steps=1,
+                              max_completion_length=2, batch_rollouts=batched)
+        trainer = KnobGRPOTrainer(controller, executor, [gated_quality_reward], args=args, train_dataset=dataset,
+                                  latency_profile=known_profile(executor))
+        prefills = []
+        prefill = executor.prefill
+        executor.prefill = lambda *a, **k: prefills.append(k["tier"]) or prefill(*a, **k)
+        try:
+            trainer.model.train()
+            rows = [dict(r) for r in dataset]
+            torch.manual_seed(1)
+            trainer._generate_and_score_completions(rows)
+        finally:
+            del executor.prefill
+        assert len({r["knobs"]["tier"] for r in rows}) > 1 and prefills == [None, None]  # tiers drawn, one prefill per prompt
+        completions = list(trainer._logs["completion"])[-16:]
+        for row, completion in zip(rows, completions):
+            knobs = {k: v for k, v in row["knobs"].items() if v is not None and k != "tier"}
+            out = executor.generate(row["prompt"], **knobs, max_new_tokens=2, do_sample=False)
+            prompt_len = executor.prepare_inputs(row["prompt"])["input_ids"].shape[1]
+            assert executor.tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True).strip() == completion
+        seen[batched] = ([r["knobs"] for r in rows], [r["latency_ms"] for r in rows], completions)
+    assert seen[True] == seen[False]
+
+
 def test_rows_that_drew_the_same_tuple_run_once(tmp_path):
     """With a profile and greedy decoding a (request, tuple) pair runs once, and its rows get the
     tokens and latency a separate run gives."""
@@ -650,3 +688,153 @@ def test_latency_margin_scales_profiled_latency(tmp_path):
     for bad in (-0.1, 1.0, float("nan")):
         with pytest.raises(ValueError, match="latency_margin="):
             KnobGRPOConfig(output_dir=str(tmp_path / "bad"), latency_margin=bad)
+
+
+@pytest.mark.parametrize("credit", ["greedy_stage2", "greedy_rest"])
+def test_greedy_credit_is_scaled_by_the_spread_of_every_reward_it_uses(tmp_path, credit):
+    """With stage1_credit other than "sampled" the greedy tuples' rewards enter the advantages too,
+    so the spread they are divided by covers them: a group whose sampled tuples tie but whose
+    greedy tuple differs gets advantages of the size of that difference, not 1e4 times it. A group
+    whose rewards all tie gets 0 (as in TRL). With scale_rewards="none" nothing is divided."""
+    trainer, _, _ = make_trainer(tmp_path, max_steps=1, stage1_credit=credit)
+    sampled = torch.tensor([1.0] * 8 + [0.5] * 8)  # group 1: every sampled tuple scores 1; group 2: everything ties
+    greedy_ = torch.tensor([0.0] + [1.0] * 7 + [0.5] * 8)  # stage 2's greedy tuple after row 0's (tier, p) scores 0
+    rest = torch.tensor([1.0, 0.0] + [1.0] * 6 + [0.5] * 8)
+    values = [sampled, greedy_] + ([rest] if credit == "greedy_rest" else [])
+
+    def group_centred(v):
+        return v - v.view(2, 8).mean(1).repeat_interleave(8)
+
+    if credit == "greedy_stage2":
+        raw = torch.stack([group_centred(greedy_), group_centred(greedy_), sampled - greedy_, sampled - greedy_], 1)
+    else:
+        raw = torch.stack([group_centred(rest), greedy_ - rest, sampled - greedy_, sampled - greedy_], 1)
+    pooled = torch.stack(values, 1)
+    spreads = {"group": pooled.view(2, -1).std(1).repeat_interleave(8), "batch": pooled.std().expand(16)}
+    for mode in ("group", "batch", "none"):
+        trainer.scale_rewards = mode
+        per_func = [v.unsqueeze(1) for v in values]  # one reward function
+        advantages, rewards = trainer._advantages(per_func[0], "train", *per_func[1:])
+        assert torch.equal(rewards, sampled)
+        expected = raw if mode == "none" else raw / (spreads[mode] + 1e-4).unsqueeze(1)
+        torch.testing.assert_close(advantages, expected, msg=mode)
+        assert advantages.abs().max() < 5, mode
+        assert torch.equal(advantages[8:], torch.zeros(8, 4)), mode  # the tied group
+
+
+def test_the_budget_range_is_the_controllers(tmp_path):
+    """Unset, KnobGRPOConfig's budget range is the controller's (budgets drawn from another range
+    would all be clamped to its ends); set to another range, the trainer refuses it, naming both."""
+    trainer, controller, _ = make_trainer(tmp_path, max_steps=1, budget_min_ms=None, budget_max_ms=None)
+    assert (trainer.args.budget_min_ms, trainer.args.budget_max_ms) == controller.config.budget_range == (50.0, 150.0)
+    drawn = [trainer._budget_for({"prompt": f"{p} {i}"}) for p in PROMPTS for i in range(20)]
+    assert all(50.0 <= b <= 150.0 for b in drawn) and max(drawn) - min(drawn) > 50
+    for lo, hi in [(170.0, 380.0), (50.0, 200.0), (None, 200.0)]:
+        with pytest.raises(ValueError, match=fr"budget_min_ms, budget_max_ms = \({lo}, {hi}\) ms differ from the controller's "
+                                             r"budget_range \(50, 150\) ms"):
+            make_trainer(tmp_path / "other", max_steps=1, budget_min_ms=lo, budget_max_ms=hi)
+    assert (KnobGRPOConfig(output_dir="unused").budget_min_ms, KnobGRPOConfig(output_dir="unused").budget_max_ms) == (None, None)
+    with pytest.raises(ValueError, match=r"budget range \(100.0, 50.0\) must satisfy 0 < budget_min_ms < budget_max_ms"):
+        KnobGRPOConfig(output_dir="unused", budget_min_ms=100.0, budget_max_ms=50.0)
+    with pytest.raises(ValueError, match=r"budget_min_ms=-1.0 must be a finite number of ms > 0"):
+        KnobGRPOConfig(output_dir="unused", budget_min_ms=-1.0)
+
+
+def test_a_chat_format_prompt_is_refused_by_name(tmp_path):
+    trainer, _, _ = make_trainer(tmp_path, max_steps=1)
+    trainer.model.train()
+    rows = [dict(prompt=[{"role": "user", "content": PROMPTS[0]}], budget=HIGH) for _ in range(16)]
+    with pytest.raises(ValueError, match="prompt_column='prompt' holds a list .*plain-text prompts: the executor applies its own "
+                                         "chat template"):
+        trainer._generate_and_score_completions(rows)
+
+
+def test_missing_columns_and_bad_budgets_are_named(tmp_path):
+    """A column the trainer reads that the data lacks is an error when the trainer is built, naming
+    the setting and the columns there are; the image and budget columns may be absent only under
+    their default names (a name the user set is not a typo for "absent")."""
+    trainer, controller, executor = make_trainer(tmp_path, max_steps=1)
+
+    def build(columns, eval_columns=None, **settings):
+        args = KnobGRPOConfig(output_dir=str(tmp_path / "out2"), num_generations=8, per_device_train_batch_size=16, **settings)
+        data = Dataset.from_dict({c: [PROMPTS[0]] * 16 for c in columns})
+        eval_data = Dataset.from_dict({c: [PROMPTS[0]] * 16 for c in eval_columns}) if eval_columns else None
+        return KnobGRPOTrainer(controller, executor, [gated_quality_reward], args=args, train_dataset=data, eval_dataset=eval_data,
+                               latency_profile=known_profile(executor))
+
+    build(["prompt"])  # no image, budgets drawn
+    with pytest.raises(ValueError, match="prompt_column='prompt': train_dataset has no column 'prompt'; its columns: 'question'"):
+        build(["question"])
+    with pytest.raises(ValueError, match="prompt_column='question': eval_dataset has no column 'question'; its columns: 'prompt'"):
+        build(["question"], eval_columns=["prompt"], prompt_column="question")
+    with pytest.raises(ValueError, match="image_column='picture': train_dataset has no column 'picture'"):
+        build(["prompt", "image"], image_column="picture")
+    with pytest.raises(ValueError, match="budget_column='budget_ms': train_dataset has no column 'budget_ms'; its columns: 'prompt', 'budget'"):
+        build(["prompt", "budget"], budget_column="budget_ms")
+    with pytest.raises(ValueError, match="budget 'fast' in column 'budget' is not a number of ms"):
+        trainer._budget_for({"prompt": PROMPTS[0], "budget": "fast"})
+
+
+def test_executor_generation_kwargs_given_as_json_text(tmp_path):
+    """On the command line executor_generation_kwargs is JSON text: parsed into a dict, as TRL does
+    for generation_kwargs."""
+    from trl import TrlParser
+
+    (args,) = TrlParser((KnobGRPOConfig,)).parse_args_and_config(
+        args=["--output_dir", str(tmp_path / "cli"), "--executor_generation_kwargs", '{"num_beams": 1}'])
+    assert args.executor_generation_kwargs == {"num_beams": 1}
+    trainer, _, _ = make_trainer(tmp_path, max_steps=1, executor_generation_kwargs='{"num_beams": 1}')
+    assert trainer.executor_generation_kwargs == {"do_sample": False, "num_beams": 1}
+    with pytest.raises(ValueError, match="executor_generation_kwargs='num_beams=1' must be a dict"):
+        KnobGRPOConfig(output_dir="unused", executor_generation_kwargs="num_beams=1")
+
+
+@pytest.mark.parametrize("prompt,budget", [("prompt", "budget"), ("question", "latency")])
+def test_remove_unused_columns_keeps_the_columns_the_trainer_reads(tmp_path, prompt, budget):
+    """remove_unused_columns=True drops the other columns only: TRL's own list (prompt, image,
+    images) would drop the budget column, and every budget would silently be drawn instead."""
+    trainer, controller, executor = make_trainer(tmp_path, max_steps=1)
+    data = Dataset.from_dict({prompt: [PROMPTS[0]] * 16, budget: [LOW] * 16, "answer": ["red"] * 16, "note": ["x"] * 16})
+    args = KnobGRPOConfig(output_dir=str(tmp_path / "out2"), num_generations=8, per_device_train_batch_size=16, max_steps=1,
+                          prompt_column=prompt, budget_column=budget, remove_unused_columns=True)
+    trainer = KnobGRPOTrainer(controller, executor, [gated_quality_reward], args=args, train_dataset=data,
+                              latency_profile=known_profile(executor))
+    rows = next(iter(trainer.get_train_dataloader()))
+    assert len(rows) == 16 and all(set(row) == {prompt, budget, "answer"} for row in rows)
+    assert all(trainer._budget_for(row) == LOW for row in rows)
+
+
+def test_model_card_example_and_training_settings(tmp_path):
+    """The card's example loads the controller from its Hub id (namespace included) and asks for a
+    budget inside the controller's range; the training section names the latency margin and the
+    decision overhead, and how the served controller's latency_scale is set. Without a recorded
+    executor, no "None" appears."""
+    from knob_grpo.hub import controller_model_card
+
+    trainer, controller, _ = make_trainer(tmp_path, max_steps=1, hub_model_id="someone/knob-controller", latency_margin=0.05,
+                                          decision_overhead_ms=1.5)
+    trainer.create_model_card(model_name="knob-controller")  # the bare name, as transformers passes it
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert 'controller = AutoModel.from_pretrained("someone/knob-controller")' in card
+    assert 'executor.generate("your question", latency_budget=86.6, controller=controller)' in card  # sqrt(50 * 150); text only
+    assert "latency margin 0.05, decision overhead 1.5 ms" in card
+    assert "`knob_grpo.profiling.suggest_latency_scale` with the saved `latency_profile.json` and `latency_margin=0.05`" in card
+    controller.config.executor_name_or_path = None
+    card = controller_model_card(controller, model_name="x")
+    assert "None" not in card and "# load the executor the controller was trained for" in card
+
+
+def test_a_latency_profile_path_is_loaded_for_the_executors_device(tmp_path, monkeypatch):
+    """latency_source=PATH loads the profile of the device the executor runs on, not of whatever
+    device the machine has first: on a GPU machine with the executor on the CPU, the CPU's."""
+    import knob_grpo.latency as latency
+
+    executor = AdaptiveModel(*tiny_text_model("olmoe"))
+    cpu = latency.current_device_name(executor.device)
+    path = tmp_path / "profile.json"
+    profile = known_profile(executor)
+    LatencyProfile(device=cpu, executor=profile.executor, ttft_coef=profile.ttft_coef, decode_coef=profile.decode_coef).save(path)
+    real = latency.current_device_name
+    monkeypatch.setattr(latency, "current_device_name", lambda device=None: "cuda:Simulated GPU" if device is None else real(device))
+    trainer, _, executor = make_trainer(tmp_path, max_steps=1, measured=True, latency_source=str(path))
+    assert trainer.latency_profile.device == cpu and trainer.latency_profile.executor == executor.name_or_path
