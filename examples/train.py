@@ -113,6 +113,9 @@ def check_settings(script: ScriptArguments, args: KnobGRPOConfig) -> None:
         if getattr(script, flag) and (given := explicit(args, *names)):
             raise ValueError(f"{' and '.join(given)}: derived on this device while --{flag} is true; "
                              f"pass --{flag} false to set {'it' if len(given) == 1 else 'them'}")
+    if (args.budget_min_ms is None) != (args.budget_max_ms is None):
+        raise ValueError(f"--budget_min_ms {args.budget_min_ms} and --budget_max_ms {args.budget_max_ms}: give both ends of the "
+                         "budget range, or neither")
 
 
 def open_splits(script: ScriptArguments) -> list:
@@ -159,6 +162,9 @@ def load_data(script: ScriptArguments, args: KnobGRPOConfig) -> list:
     else:
         splits = [split.select(range(min(n, len(split)))) for split, n in zip(open_splits(script), counts)]
     text = text_column(script, args, splits[0].column_names)
+    if script.answer_column not in splits[0].column_names:  # the rewards and the evaluation score against it
+        raise ValueError(f"--answer_column {script.answer_column!r} is not in the dataset (its columns: "
+                         f"{', '.join(splits[0].column_names)})")
     rename = {text: "prompt", args.image_column or "image": "image", script.answer_column: "answer"}
     args.prompt_column, args.image_column = "prompt", "image"
 
@@ -178,7 +184,9 @@ def new_controller(executor: AdaptiveModel, script: ScriptArguments, args: KnobG
 
 def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
     check_settings(script, args)
-    state = PartialState()
+    # the other processes wait while the main one profiles and evaluates: --ddp_timeout (TrainingArguments') bounds
+    # that wait, as it would in the Trainer, which finds the process group already set up here
+    state = PartialState(timeout=args.ddp_timeout_delta)
     train, profile_data, test = load_data(script, args)
     if script.random_executor:
         from knob_grpo.embedded import TIER_PIXELS, build_model, build_processor, knob_space
@@ -233,7 +241,7 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
         eval_range = new_controller(executor, script, args).config.budget_range
     if state.is_main_process:
         print(f"decision overhead {args.decision_overhead_ms:.2f} ms; latency margin {args.latency_margin:.3f}; "
-              f"budget range {eval_range[0]}-{eval_range[1]} ms (training to {args.budget_max_ms} ms)")
+              f"budget range {eval_range[0]}-{eval_range[1]} ms (training to {args.budget_max_ms or eval_range[1]} ms)")
 
     # 2. GRPO over knob tuples
     torch.manual_seed(args.seed)

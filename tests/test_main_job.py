@@ -108,6 +108,10 @@ def test_train_script_refuses_settings_it_would_overwrite(tmp_path, train_script
         with pytest.raises(ValueError, match=rf"{named}: derived on this device while --{flag} is true; pass --{flag} false"):
             train_script.main(script, args)
         script, args = train_script.parse_args(["--output_dir", str(tmp_path), *given, f"--{flag}", "false"])
+        if given == ["--budget_max_ms", "60"]:  # half a range would leave the controller on its default one
+            with pytest.raises(ValueError, match=r"--budget_min_ms None and --budget_max_ms 60\.0: give both ends"):
+                train_script.check_settings(script, args)
+            continue
         train_script.check_settings(script, args)  # accepted once the script derives nothing there
     # the defaults are not mistaken for explicit settings
     train_script.check_settings(*train_script.parse_args(["--output_dir", str(tmp_path)]))
@@ -139,6 +143,9 @@ def test_train_script_text_column(tmp_path, train_script):
         train_script.load_data(script, args)
     script, args = train_script.parse_args(trl_style + ["--question_column", "query"])
     with pytest.raises(ValueError, match=r"text column 'query' is not in the dataset \(its columns: prompt, answer\)"):
+        train_script.load_data(script, args)
+    script, args = train_script.parse_args(trl_style + ["--answer_column", "label"])
+    with pytest.raises(ValueError, match=r"--answer_column 'label' is not in the dataset \(its columns: prompt, answer\)"):
         train_script.load_data(script, args)
 
 
