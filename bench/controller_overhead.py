@@ -1,8 +1,8 @@
 """Controller overhead: one greedy decision against the cheapest end-to-end generate.
 
-Builds an executor (the embedded tiny Qwen3-VL-MoE if ``knob_grpo.embedded.load_embedded_default``
-loads, else the random tiny one from ``tests/tiny.py``) and a latency-token controller for it, then
-measures in the same run:
+Builds an executor (the embedded tiny Qwen3-VL-MoE with its committed tiers and knob space if
+``knob_grpo.embedded.load_embedded_adaptive`` loads, else the random tiny one from
+``tests/tiny.py``) and a latency-token controller for it, then measures in the same run:
 
 * ``decision``: stage 1 + stage 2 of one greedy decision from ready features (the language
   feature and the latency token are computed once beforehand; the partial forward to ``p`` is
@@ -50,10 +50,10 @@ PROMPT = "what colour is the circle ?"
 
 def load_executor():
     try:
-        from knob_grpo.embedded.model import load_embedded_default
+        from knob_grpo.embedded import load_embedded_adaptive
 
-        model, processor = load_embedded_default()
-        return AdaptiveModel(model, processor), "embedded tiny Qwen3-VL-MoE (knob_grpo.embedded)"
+        # the committed tiers and knob space (a bare AdaptiveModel(model, processor) would not use them)
+        return load_embedded_adaptive(), "embedded tiny Qwen3-VL-MoE (knob_grpo.embedded)"
     except Exception as exc:  # not available yet: the random tiny model of the tests
         from tiny import tiny_vlm
 

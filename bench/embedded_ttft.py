@@ -27,6 +27,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=48, help="timed requests per configuration (cycling the question types)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the committed sweep uses 1)")
     args = parser.parse_args()
+    n_types = len(QUESTION_TYPES)
+    if args.samples < n_types:  # the requests cycle the question types: fewer would leave a type untimed
+        parser.error(f"--samples {args.samples} would leave question types untimed: the requests cycle the "
+                     f"{n_types} types {QUESTION_TYPES}, so --samples must be >= {n_types}")
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: must be >= 1")
     torch.set_num_threads(args.threads)
     adaptive = load_embedded_adaptive()
     space = adaptive.knob_space

@@ -1,11 +1,23 @@
 """What each knob buys, and what the wrapper costs.
 
-For a tiny MoE VLM and a CPU-sized OLMoE: time to first token (prefill) of the cheapest and
-intermediate settings of each knob as a ratio to the full setting, and the wrapper's overhead at
-full setting against the plain model's ``generate`` (time, and peak memory measured in separate
-child processes). Every ratio compares runs interleaved in this one process run.
+For a tiny MoE VLM (the committed embedded default, wrapped with its own tiers and knob space by
+``knob_grpo.embedded.load_embedded_adaptive``) and a CPU-sized OLMoE: time to first token
+(prefill) of the cheapest and intermediate settings of each knob as a ratio to the full setting,
+and the wrapper's overhead at full setting against the plain model's ``generate``. Every time ratio
+is the median over interleaved pairs (full setting and knob setting, or plain and wrapped, run back
+to back, the order alternating) in this one process run.
 
-    python bench/knob_cost.py            # < 1 minute
+Memory: the rise of the peak RSS over the RSS just before a ``generate`` (8 new tokens, the same
+prepared inputs in both modes), in a fresh child process per mode (plain, wrapped) that builds its
+own models (Linux ``/proc/self/clear_refs`` resets the peak before each generate): the first
+call's rise (first-call allocations included, the same in both modes) and the steady rise (the
+larger of the next two). The two children run at the same time, before any timing. Reported as
+the difference wrapped - plain: the whole-process peak (interpreter, torch, weights, ~470 MiB) is
+the same for both and would hide what the wrapper adds, and a ratio of two rises of a MiB or less
+says nothing.
+
+    python bench/knob_cost.py            # < 1 minute (about 25 s on 2 quiet cores)
+    python bench/knob_cost.py --pairs 16 # steadier ratios
 """
 
 from __future__ import annotations
@@ -13,7 +25,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import sys
 import time
@@ -40,15 +51,19 @@ def cpu_olmoe():
     return tf.OlmoeForCausalLM(config).eval(), tok
 
 
-def tiny_moe_vlm():
+def build(which: str) -> AdaptiveModel:
+    """The wrapped model: the embedded default with its committed tier settings, or the CPU OLMoE."""
+    if which == "olmoe":
+        return AdaptiveModel(*cpu_olmoe())
     try:
-        from knob_grpo.embedded import load_embedded_default
+        from knob_grpo.embedded import load_embedded_adaptive
 
-        return load_embedded_default()
-    except Exception:  # the embedded default is not available: a random tiny one
+        return load_embedded_adaptive()
+    except Exception as exc:  # the embedded default is not available: a random tiny one
         from tiny import tiny_vlm
 
-        return tiny_vlm(moe=True, num_layers=8)
+        print(f"  (embedded default unavailable: {type(exc).__name__}: {exc}; using a random tiny VLM)", file=sys.stderr)
+        return AdaptiveModel(*tiny_vlm(moe=True, num_layers=8))
 
 
 def prompt_inputs(name: str):
@@ -59,17 +74,26 @@ def prompt_inputs(name: str):
     return dict(text="what is the colour of the shape ?", images=[tiny_image(0, size=224)]), "image"
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
-def knob_ratios(adaptive: AdaptiveModel, inputs: dict, repeats: int) -> list[tuple[str, float]]:
-    """Prefill time (one new token) of each knob's settings over the full setting, interleaved."""
+def paired_ratio(base, other, pairs: int) -> float:
+    """Median over ``pairs`` back-to-back runs of other/base, alternating which runs first."""
+    ratios = []
+    for i in range(pairs):
+        if i % 2:
+            o, b = seconds(other), seconds(base)
+        else:
+            b, o = seconds(base), seconds(other)
+        ratios.append(o / b)
+    return statistics.median(ratios)
+
+
+def knob_ratios(adaptive: AdaptiveModel, inputs: dict, pairs: int) -> list[tuple[str, float]]:
+    """Prefill time (one new token) of each knob's settings over the full setting, interleaved pairs."""
     space = adaptive.knob_space
     settings: list[tuple[str, dict]] = []
     # the cheapest setting of each knob and one halfway to the full setting
@@ -87,17 +111,20 @@ def knob_ratios(adaptive: AdaptiveModel, inputs: dict, repeats: int) -> list[tup
     def run(knobs):
         return lambda: adaptive.generate(**inputs, **knobs, max_new_tokens=1, do_sample=False)
 
-    run({})()  # warm-up
-    ratios = []
-    for name, knobs in settings:
+    for _, knobs in [("full", {})] + settings:  # warm-up: every setting once
         run(knobs)()
-        pairs = [(median_time(run({}), 1), median_time(run(knobs), 1)) for _ in range(repeats)]
-        full = statistics.median(p[0] for p in pairs)
-        ratios.append((name, statistics.median(p[1] for p in pairs) / full))
-    return ratios
+    ratios: dict[str, list[float]] = {name: [] for name, _ in settings}
+    for i in range(pairs):  # round-robin over the settings: load from other processes spreads over all of them
+        for name, knobs in settings:
+            if i % 2:
+                t_knobs, t_full = seconds(run(knobs)), seconds(run({}))
+            else:
+                t_full, t_knobs = seconds(run({})), seconds(run(knobs))
+            ratios[name].append(t_knobs / t_full)
+    return [(name, statistics.median(r)) for name, r in ratios.items()]
 
 
-def wrapper_overhead(adaptive: AdaptiveModel, inputs: dict, repeats: int, new_tokens: int) -> float:
+def wrapper_overhead(adaptive: AdaptiveModel, inputs: dict, pairs: int, new_tokens: int) -> float:
     """Median over interleaved pairs of (wrapped, full setting) / (plain model) generate time."""
     prepared = adaptive.prepare_inputs(**inputs)
     model = adaptive.model
@@ -113,67 +140,112 @@ def wrapper_overhead(adaptive: AdaptiveModel, inputs: dict, repeats: int, new_to
         adaptive.generate(**prepared, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
     plain(), wrapped()
-    ratios = []
-    for i in range(repeats):
-        if i % 2:
-            w, p = median_time(wrapped, 1), median_time(plain, 1)
-        else:
-            p, w = median_time(plain, 1), median_time(wrapped, 1)
-        ratios.append(w / p)
-    return statistics.median(ratios)
+    return paired_ratio(plain, wrapped, pairs)
 
 
-def _peak_rss_child(which: str, wrapped: bool, queue) -> None:
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1])
+
+
+def _peak_rise_child(wrapped: bool, queue) -> None:
+    """In a fresh process: for each model, the peak RSS rise (KiB) of a generate in one mode: the
+    first one, and the larger of the next two (steady state)."""
     torch.set_num_threads(1)
-    model, proc = cpu_olmoe() if which == "olmoe" else tiny_moe_vlm()
-    inputs, _ = prompt_inputs(which)
-    adaptive = AdaptiveModel(model, proc)
-    prepared = adaptive.prepare_inputs(**inputs)
-    if not wrapped:
-        adaptive.remove()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(2):
-        if wrapped:
-            adaptive.generate(**inputs, max_new_tokens=8, do_sample=False)
-        else:
-            model.generate(**prepared, max_new_tokens=8, do_sample=False)
-    queue.put((base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    out = {}
+    for which in WHICH:
+        adaptive = build(which)
+        inputs, _ = prompt_inputs(which)
+        prepared = adaptive.prepare_inputs(**inputs)
+        model = adaptive.model
+        if not wrapped:
+            adaptive.remove()
+
+        def generate():
+            if wrapped:  # the same prepared tensors as the plain call: only the wrapper differs
+                adaptive.generate(**prepared, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            else:
+                model.generate(**prepared, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+
+        rises = []
+        for _ in range(3):  # the first includes first-call allocations (caches, kernels), the same in both modes
+            before = _status_kb("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak RSS (VmHWM) to the current RSS
+                f.write("5")
+            generate()
+            rises.append(_status_kb("VmHWM") - before)
+        out[which] = (rises[0], max(rises[1:]))
+        del adaptive, model, prepared
+    queue.put(out)
 
 
-def peak_memory_ratio(which: str) -> float:
+def start_peak_rise_children():
+    """Start one child per mode (plain, wrapped); ``collect()`` returns {which: {wrapped: (first, steady) KiB}}."""
     ctx = mp.get_context("spawn")
-    peaks = {}
+    jobs = []
     for wrapped in (False, True):
         queue = ctx.Queue()
-        proc = ctx.Process(target=_peak_rss_child, args=(which, wrapped, queue))
+        proc = ctx.Process(target=_peak_rise_child, args=(wrapped, queue))
         proc.start()
-        peaks[wrapped] = queue.get()[1]
-        proc.join()
-    return peaks[True] / peaks[False]
+        jobs.append((wrapped, queue, proc))
+
+    def collect() -> dict[str, dict[bool, tuple[int, int]]]:
+        rises: dict[str, dict[bool, tuple[int, int]]] = {which: {} for which in WHICH}
+        for wrapped, queue, proc in jobs:
+            result = queue.get(timeout=600)
+            proc.join()
+            for which, kb in result.items():
+                rises[which][wrapped] = kb
+        return rises
+
+    return collect
+
+
+WHICH = ("vlm", "olmoe")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=8, help="interleaved pairs per knob ratio (default 8; the wrapper overhead uses twice as many)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the timings (default 1)")
     args = parser.parse_args()
+    if args.pairs < 1:
+        parser.error(f"--pairs {args.pairs}: must be >= 1")
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: must be >= 1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    t0 = time.perf_counter()
+    # memory first, both modes' children at once (single-threaded each), so no timing below overlaps them
+    rises = start_peak_rise_children()()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     headline = []
-    for which, build in (("vlm", tiny_moe_vlm), ("olmoe", cpu_olmoe)):
-        model, proc = build()
-        adaptive = AdaptiveModel(model, proc)
+    for which in WHICH:
+        adaptive = build(which)
         inputs, _ = prompt_inputs(which)
-        print(f"== {which}: {type(model).__name__}, {adaptive.num_blocks} blocks, knobs {adaptive.knob_space.knob_names}")
-        for name, ratio in knob_ratios(adaptive, inputs, args.repeats):
+        print(f"== {which}: {type(adaptive.model).__name__}, {adaptive.num_blocks} blocks, knobs {adaptive.knob_space.knob_names}")
+        for name, ratio in knob_ratios(adaptive, inputs, args.pairs):
             print(f"  prefill time {name:<60s} / full = {ratio:.2f}")
             if name.startswith("cheapest"):
                 headline.append((f"{which}_cheapest_prefill_ratio", f"{ratio:.2f}", "report; < 1"))
-        overhead = wrapper_overhead(adaptive, inputs, args.repeats * 3, new_tokens=4)
+        overhead = wrapper_overhead(adaptive, inputs, args.pairs * 2, new_tokens=4)
         print(f"  wrapper overhead at full setting (generate, 4 tokens) = {overhead:.3f}")
         headline.append((f"{which}_wrapper_time_overhead", f"{overhead:.3f}", "<= 1.03"))
-        del model, adaptive
-        mem = peak_memory_ratio(which)
-        print(f"  peak RSS wrapped / plain = {mem:.3f}")
-        headline.append((f"{which}_wrapper_peak_memory", f"{mem:.3f}", "<= 1.05"))
+        del adaptive
+        (plain_first, plain), (wrapped_first, wrapped) = ([kb / 1024 for kb in rises[which][m]] for m in (False, True))
+        ratio = f"{wrapped / plain:.2f}" if plain >= 0.1 else "n/a, plain rise < 0.1 MiB"
+        print(f"  peak RSS rise of a generate (8 tokens), steady: plain {plain:.1f} MiB, wrapped {wrapped:.1f} MiB "
+              f"(wrapped / plain = {ratio}); first call: plain {plain_first:.1f} MiB, wrapped {wrapped_first:.1f} MiB")
+        # a difference, not a ratio: a generate's working memory here is a few MiB at most, where a
+        # ratio of two near-zero numbers says nothing (as in bench/rollout_cost.py)
+        headline.append((f"{which}_wrapper_minus_plain_peak_rise_mib", f"{wrapped - plain:+.1f}", "<= 1.0"))
+        headline.append((f"{which}_wrapper_minus_plain_first_call_rise_mib", f"{wrapped_first - plain_first:+.1f}", "report"))
+    print(f"  benchmark wall time: {time.perf_counter() - t0:.1f} s")
     print()
     for name, value, goal in headline:
         print(f"{name} = {value} (goal {goal})")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -97,10 +98,24 @@ class ScriptArguments:
     )
 
 
-def explicit(args: KnobGRPOConfig, *names: str) -> list[str]:
-    """The settings among ``names`` that differ from KnobGRPOConfig's defaults, i.e. were set explicitly."""
+def explicit(script: ScriptArguments, args: KnobGRPOConfig, *names: str) -> list[str]:
+    """The settings among ``names`` given on the command line or in the --config file (``script.given``, set by
+    parse_args; without it, those that differ from KnobGRPOConfig's defaults)."""
+    given = getattr(script, "given", None)
     defaults = {f.name: f.default for f in dataclasses.fields(KnobGRPOConfig)}
-    return [f"--{name} {getattr(args, name)}" for name in names if getattr(args, name) != defaults[name]]
+    return [f"--{name} {getattr(args, name)}" for name in names
+            if (name in given if given is not None else getattr(args, name) != defaults[name])]
+
+
+def given_names(argv: list[str]) -> frozenset[str]:
+    """Names of the settings in ``argv`` and in its ``--config`` YAML file (a value equal to the default is still given)."""
+    names = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    if "--config" in argv:
+        import yaml
+
+        with open(argv[argv.index("--config") + 1]) as f:
+            names |= set(yaml.safe_load(f) or {})
+    return frozenset(names)
 
 
 def check_settings(script: ScriptArguments, args: KnobGRPOConfig) -> None:
@@ -110,7 +125,7 @@ def check_settings(script: ScriptArguments, args: KnobGRPOConfig) -> None:
                          "(the training range must contain the evaluated one)")
     for flag, names in (("latency_margin_from_profile", ["latency_margin"]), ("measure_decision_overhead", ["decision_overhead_ms"]),
                         ("budget_range_from_profile", ["budget_min_ms", "budget_max_ms"])):
-        if getattr(script, flag) and (given := explicit(args, *names)):
+        if getattr(script, flag) and (given := explicit(script, args, *names)):
             raise ValueError(f"{' and '.join(given)}: derived on this device while --{flag} is true; "
                              f"pass --{flag} false to set {'it' if len(given) == 1 else 'them'}")
     if (args.budget_min_ms is None) != (args.budget_max_ms is None):
@@ -139,7 +154,7 @@ def open_splits(script: ScriptArguments) -> list:
 
 def text_column(script: ScriptArguments, args: KnobGRPOConfig, columns: list[str]) -> str:
     """The dataset's text column: --question_column or --prompt_column (see ScriptArguments.question_column)."""
-    prompt_given = bool(explicit(args, "prompt_column"))
+    prompt_given = bool(explicit(script, args, "prompt_column"))
     if script.question_column and prompt_given and script.question_column != args.prompt_column:
         raise ValueError(f"--question_column {script.question_column!r} and --prompt_column {args.prompt_column!r} both name "
                          "the text column; pass one of them")
@@ -164,6 +179,9 @@ def load_data(script: ScriptArguments, args: KnobGRPOConfig) -> list:
     text = text_column(script, args, splits[0].column_names)
     if script.answer_column not in splits[0].column_names:  # the rewards and the evaluation score against it
         raise ValueError(f"--answer_column {script.answer_column!r} is not in the dataset (its columns: "
+                         f"{', '.join(splits[0].column_names)})")
+    if explicit(script, args, "image_column") and args.image_column not in splits[0].column_names:  # else: text-only, silently
+        raise ValueError(f"--image_column {args.image_column!r} is not in the dataset (its columns: "
                          f"{', '.join(splits[0].column_names)})")
     rename = {text: "prompt", args.image_column or "image": "image", script.answer_column: "answer"}
     args.prompt_column, args.image_column = "prompt", "image"
@@ -289,7 +307,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, KnobGRPO
     # where stage 1 has given it up, so that p and stage 2 after it keep learning what fits there.
     parser.set_defaults_with_config(scale_rewards="none", stage1_credit="greedy_rest", stage1_exploration=0.1, num_generations=6,
                                     per_device_train_batch_size=12)
-    return parser.parse_args_and_config(args=argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    script, args = parser.parse_args_and_config(args=argv)
+    script.given = given_names(argv)  # what the user set, for explicit()
+    return script, args
 
 
 if __name__ == "__main__":

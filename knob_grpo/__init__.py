@@ -19,10 +19,20 @@ The flow, one module per role:
 from .adaptive import AdaptiveModel, ControlledGeneration, PrefixState
 from .architectures import ARCHITECTURES, ArchitectureSpec, register_architecture
 from .config import KnobGRPOConfig
-from .controller import ControllerConfig, TwoStageController
+from .controller import (
+    STAGE2_MODES,
+    ControllerConfig,
+    ControllerOutput,
+    KnobLogProbs,
+    KnobSample,
+    TwoStageController,
+    language_features,
+    prompt_features,
+)
 from .evaluation import EvaluationResult, evaluate_budgets
 from .knobs import KNOB_NAMES, Knobs, KnobSpace
 from .latency import LatencyMeasurement, LatencyMeter, LatencyProfile
+from .processing import image_only_processor, load_processor
 from .profiling import (
     fit_profile,
     measure_decision_overhead,
@@ -41,21 +51,29 @@ __all__ = [
     "ArchitectureSpec",
     "ControlledGeneration",
     "ControllerConfig",
+    "ControllerOutput",
     "EvaluationResult",
     "KnobGRPOConfig",
     "KnobGRPOTrainer",
     "TwoStageController",
     "KNOB_NAMES",
+    "KnobLogProbs",
+    "KnobSample",
     "KnobSpace",
     "Knobs",
     "LatencyMeasurement",
     "LatencyMeter",
     "LatencyProfile",
     "PrefixState",
+    "STAGE2_MODES",
     "evaluate_budgets",
     "fit_profile",
+    "image_only_processor",
+    "language_features",
+    "load_processor",
     "measure_decision_overhead",
     "profile_executor",
+    "prompt_features",
     "register_architecture",
     "suggest_budget_range",
     "suggest_latency_margin",

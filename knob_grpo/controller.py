@@ -157,6 +157,12 @@ class ControllerConfig(PretrainedConfig):
         self.budget_min_ms, self.budget_max_ms = lo, hi
         if self.stage2_mode not in STAGE2_MODES:
             raise ValueError(f"stage2_mode={self.stage2_mode!r} is not one of {', '.join(STAGE2_MODES)}")
+        for name in ("language_dim", "latency_token_dim", "hidden_size", "stage2_hidden_size", "budget_encoding_dim", "position_embedding_dim"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if not isinstance(self.clamp_budget, bool):  # "no" would be stored and act as True
+            raise ValueError(f"clamp_budget={self.clamp_budget!r} must be True or False")
         if self.budget_encoding_dim < 2 or self.budget_encoding_dim % 2:
             raise ValueError(f"budget_encoding_dim={self.budget_encoding_dim} must be even and >= 2")
         if self.latency_token_dim is None:
@@ -443,6 +449,8 @@ class _NumpyGreedy:
         # The views below keep that memory alive, so no new tensor can reuse its address unnoticed.
         self.slots = [(table, name, t, t.data_ptr()) for module in controller.modules()
                       for table in (module._parameters, module._buffers) for name, t in table.items() if t is not None]
+        # and every submodule where it was: a layer replaced (a new head, a LoRA wrapper) has parameters of its own
+        self.children = [(module._modules, name, child) for module in controller.modules() for name, child in module._modules.items()]
         self.controller = controller
         # NumPy reads float32 CPU memory in place; anything else (a GPU, bf16) decides in PyTorch
         self.applies = all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bool) for _, _, t, _ in self.slots)
@@ -472,8 +480,9 @@ class _NumpyGreedy:
         self.invalid_blocks = view(s2.invalid_blocks)
 
     def is_current(self) -> bool:
-        """Still the controller's tensors, in the same memory (not replaced, moved or cast)."""
-        return all(table.get(name) is t and t.data_ptr() == pointer for table, name, t, pointer in self.slots)
+        """Still the controller's modules and tensors, in the same memory (not replaced, moved or cast)."""
+        return (all(table.get(name) is t and t.data_ptr() == pointer for table, name, t, pointer in self.slots)
+                and all(table.get(name) is child for table, name, child in self.children))
 
     @staticmethod
     def _layer_norm(x: np.ndarray, params: tuple[np.ndarray, np.ndarray, float]) -> np.ndarray:
@@ -545,6 +554,13 @@ def _check_temperature(temperature: float) -> float:
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature={temperature!r} must be a finite number > 0 (it divides the controller's logits)")
     return float(temperature)
+
+
+def _check_num_generations(num_generations: Any) -> int:
+    """A group size: an integer >= 1 (not a bool)."""
+    if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 1:
+        raise ValueError(f"num_generations={num_generations!r} must be an integer >= 1 (knob tuples per request)")
+    return num_generations
 
 
 def _check_exploration(exploration: float) -> float:
@@ -642,8 +658,13 @@ class TwoStageController(PreTrainedModel):
         embedding width, hidden size, blocks and experts are recorded in the config.
 
         ``sizes`` go to :class:`ControllerConfig` (``hidden_size``, ``stage2_hidden_size``,
-        ``budget_encoding_dim``, ``position_embedding_dim``, ``clamp_budget``, ...).
+        ``budget_encoding_dim``, ``position_embedding_dim``, ``clamp_budget``, ...); a name that is
+        not one of its fields is refused (the config itself would keep it as an unused attribute).
         """
+        fields = {name for name in ControllerConfig.__annotations__ if not name.startswith("_")}
+        unknown = sorted(set(sizes) - fields)
+        if unknown:
+            raise ValueError(f"{unknown[0]}={sizes[unknown[0]]!r} is not a ControllerConfig setting; settings: {', '.join(sorted(fields))}")
         config = ControllerConfig(
             knob_space=adaptive.knob_space.to_dict(),
             budget_range=tuple(budget_range),
@@ -735,6 +756,8 @@ class TwoStageController(PreTrainedModel):
             language = language.unsqueeze(0)
         if language.dim() != 2 or language.shape[-1] != self.config.language_dim:
             raise ValueError(f"language features must be (B, {self.config.language_dim}), got {tuple(language.shape)}")
+        if not torch.isfinite(language).all():  # the argmax of NaN logits is option 0, a decision made on nothing
+            raise ValueError("language features contain NaN or infinite values")
         return language.to(device=p.device, dtype=p.dtype)
 
     def budget_tensor(self, budgets: Any, n: int) -> torch.Tensor:
@@ -747,18 +770,21 @@ class TwoStageController(PreTrainedModel):
         """:meth:`budget_tensor`'s checks, as a list of ``n`` floats."""
         def number(b: Any) -> float:
             # a string would otherwise be read one character per request, a bool as 0 or 1 ms
-            if isinstance(b, (str, bytes, bool)) or b is None or (isinstance(b, torch.Tensor) and b.dtype == torch.bool):
+            if isinstance(b, (str, bytes, bool, np.bool_)) or b is None or (isinstance(b, torch.Tensor) and b.dtype == torch.bool):
                 raise ValueError(f"latency budget {b!r} is not allowed: a budget must be a finite number of milliseconds > 0")
             try:
                 return float(b)
             except (TypeError, ValueError):
                 raise ValueError(f"latency budget {b!r} is not allowed: a budget must be a finite number of milliseconds > 0") from None
 
+        if getattr(budgets, "ndim", 0) > 1:  # would be flattened into more requests than rows
+            raise ValueError(f"latency budgets must be one number or one per request, got an array of shape {tuple(budgets.shape)}")
         if isinstance(budgets, torch.Tensor):
             if budgets.dtype == torch.bool:
                 number(budgets)
             values = budgets.detach().to(torch.float64).reshape(-1).cpu().tolist()
-        elif isinstance(budgets, (str, bytes, bool, int, float)) or budgets is None or (hasattr(budgets, "item") and not hasattr(budgets, "__len__")):
+        elif (isinstance(budgets, (str, bytes, bool, np.bool_, int, float)) or budgets is None or getattr(budgets, "ndim", None) == 0
+              or (hasattr(budgets, "item") and not hasattr(budgets, "__len__"))):
             values = [number(budgets)]
         else:
             values = [number(b) for b in budgets]
@@ -777,6 +803,8 @@ class TwoStageController(PreTrainedModel):
             tokens = tokens.unsqueeze(0)
         if tuple(tokens.shape) != (n, self.config.latency_token_dim):
             raise ValueError(f"latency tokens must be ({n}, {self.config.latency_token_dim}), got {tuple(tokens.shape)}")
+        if not torch.isfinite(tokens).all():
+            raise ValueError("latency tokens contain NaN or infinite values")
         return tokens.to(device=self._param.device, dtype=self._param.dtype)
 
     def _option_index(self, knob: str, values: Sequence[Any]) -> torch.Tensor:
@@ -784,15 +812,22 @@ class TwoStageController(PreTrainedModel):
         options = self.knob_space.options(knob)
         return torch.tensor([options.index(self.knob_space.check_value(knob, v)) for v in values], device=self._param.device)
 
-    def _tier_index(self, tiers: Any, n: int) -> torch.Tensor:
-        tiers = [tiers] * n if isinstance(tiers, str) else list(tiers)
+    def _tier_index(self, tiers: Any, n: int) -> torch.Tensor | None:
+        """Option indices of one tier per row (``None`` for a knob space without tiers, whose rows
+        must then give ``None``)."""
+        tiers = [tiers] * n if isinstance(tiers, str) or tiers is None else list(tiers)
         if len(tiers) != n:
             raise ValueError(f"got {len(tiers)} tiers for {n} rows")
+        if not self.knob_space.tiers:
+            given = [t for t in tiers if t is not None]
+            if given:
+                self.knob_space.check_value("tier", given[0])  # raises: this model has no tier knob
+            return None
         return self._option_index("tier", tiers)
 
     def _p_index(self, insertion_positions: Any) -> torch.Tensor:
         values = insertion_positions.tolist() if isinstance(insertion_positions, torch.Tensor) else list(insertion_positions)
-        return self._option_index("insertion_position", [int(p) for p in values])
+        return self._option_index("insertion_position", values)
 
     def _stage2_context(self, language: torch.Tensor, latency_tokens: Any, n: int) -> torch.Tensor:
         if self.stage2_mode == "prompt":
@@ -823,7 +858,7 @@ class TwoStageController(PreTrainedModel):
         language = self._language(language)
         n = language.shape[0]
         code = self.budget_code(budgets, n)
-        tier_index = self._tier_index(tiers, n) if tiers is not None and self.knob_space.tiers else None
+        tier_index = self._tier_index(tiers, n) if tiers is not None else None
         s1 = self._stage1_logits(language, code, tier_index)
         s2: dict[str, torch.Tensor] = {}
         if insertion_positions is not None:
@@ -917,8 +952,7 @@ class TwoStageController(PreTrainedModel):
         temperature: float = 1.0,
         stage1_exploration: float = 0.0,
     ) -> KnobSample:
-        if num_generations < 1:
-            raise ValueError(f"num_generations={num_generations} must be >= 1")
+        _check_num_generations(num_generations)
         _check_temperature(temperature)
         _check_exploration(stage1_exploration)
         if self.stage2_mode == "latency_token" and latency_token_fn is None:
@@ -1013,6 +1047,7 @@ class TwoStageController(PreTrainedModel):
         in :meth:`sample`.
         """
         _check_temperature(temperature)
+        _check_num_generations(num_generations)
         language = self._language(language)
         code = self.budget_code(budgets, language.shape[0])
         if num_generations > 1:
@@ -1051,7 +1086,7 @@ class TwoStageController(PreTrainedModel):
         one per request, ``None`` entries for a model without tiers)."""
         language = self._language(language)
         n = language.shape[0]
-        tier_index = self._tier_index(tiers, n) if self.knob_space.tiers else None
+        tier_index = self._tier_index(tiers, n)
         index = self._stage1_logits(language, self.budget_code(budgets, n), tier_index)["insertion_position"].argmax(-1)
         return [self.knob_space.insertion_positions[i] for i in index.tolist()]
 
@@ -1067,6 +1102,7 @@ class TwoStageController(PreTrainedModel):
             raise ValueError(f"got {len(stage1)} stage-1 choices for {n} rows")
         code = self.budget_code(budgets, n)
         positions = [k.insertion_position for k in stage1]
+        self._tier_index([k.tier for k in stage1], n)  # the tiers the returned tuples carry are real ones
         idx: dict[str, torch.Tensor] = {}
         self._choose(self.stage2(self._stage2_context(language, latency_tokens, n), code, self._p_index(positions)),
                      ("top_k", "num_active_blocks"), True, None, idx, {})
@@ -1081,6 +1117,7 @@ class TwoStageController(PreTrainedModel):
         if language.shape[0] != 1:
             raise ValueError(f"stage2_decider is for one request; got language features for {language.shape[0]}")
         code = self.budget_code(budget, 1)
+        self._tier_index([tier], 1)
         p_index = self._p_index([insertion_position])
 
         @torch.inference_mode()
@@ -1101,7 +1138,9 @@ class TwoStageController(PreTrainedModel):
         What :meth:`decide_and_generate` and the timed controller runs of the evaluation use. A
         float32 controller on the CPU computes it in NumPy (:class:`_NumpyGreedy`): the same
         decisions as :meth:`decide_stage1` and :meth:`stage2_decider`, without the ~20 small PyTorch
-        ops they run, each several times slower inside a request than in a loop.
+        ops they run, each several times slower inside a request than in a loop. It runs inside each
+        request's time, so it does not check the executor: do that once with :meth:`check_executor`,
+        as :meth:`decide_and_generate` and the evaluation do.
         """
         fast = self._numpy_greedy()
         if fast is None:
@@ -1124,6 +1163,8 @@ class TwoStageController(PreTrainedModel):
                 if tuple(latency_token.shape) != (1, width):
                     raise ValueError(f"latency tokens must be (1, {width}), got {tuple(latency_token.shape)}")
                 context = latency_token.detach().float().cpu().numpy()[0]
+                if not np.isfinite(context).all():
+                    raise ValueError("latency tokens contain NaN or infinite values")
             top_k, blocks = fast.stage2(context, budget_part, p_index)
             return (None if top_k is None else space.top_k_options[top_k]), space.all_block_options[blocks]
 

@@ -61,6 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
+
 from .knobs import Knobs
 from .latency import (
     BUDGET_TARGETS,
@@ -130,7 +132,7 @@ def _check_budget_list(budgets: Any) -> list[float]:
         raise ValueError("the budget list is empty; give at least one latency budget in ms")
     out = []
     for i, b in enumerate(budgets):
-        if isinstance(b, bool):  # float(True) would run a 1 ms budget
+        if isinstance(b, (bool, np.bool_)):  # float(True) would run a 1 ms budget
             raise ValueError(f"budget {i} = {b!r} is a bool, not a number (budgets are latencies in ms)")
         try:
             value = float(b)

@@ -65,7 +65,7 @@ def _check_target(target: str) -> str:
 
 
 def _check_budget(budget: Any, name: str = "budget_ms") -> float:
-    if isinstance(budget, bool):  # float(True) == 1.0 would pass as a 1 ms budget
+    if isinstance(budget, (bool, np.bool_)):  # float(True) == 1.0 would pass as a 1 ms budget
         raise ValueError(f"{name}={budget!r} is a bool, not a number; it must be a finite number > 0")
     try:
         value = float(budget)

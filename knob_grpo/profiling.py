@@ -630,6 +630,7 @@ def measure_decision_overhead(
     in the real path). The weights do not change the cost much, so an untrained controller
     measures it. ``budgets`` (one per sample) default to spread over the controller's range.
     """
+    controller.check_executor(adaptive)  # decide_for_request leaves that to its caller
     samples = [{"prompt": s} if isinstance(s, str) else s for s in samples]
     if not samples:
         raise ValueError("measure_decision_overhead needs at least one sample (a dataset row or a prompt text)")

@@ -32,6 +32,7 @@ import zlib
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from accelerate.utils import gather_object
 from trl import GRPOTrainer
@@ -115,8 +116,8 @@ def _sequences_and_logits(output: Any) -> tuple[torch.Tensor, tuple[torch.Tensor
     return output.sequences, output.logits
 
 
-def _check_budget_range(args: KnobGRPOConfig, controller: TwoStageController) -> None:
-    """Fill the config's unset budget range with the controller's, and refuse one that differs:
+def _check_budget_range(args: KnobGRPOConfig, controller: TwoStageController) -> tuple[float, float]:
+    """The range budgets are drawn from: the controller's. A config range that differs is refused:
     budgets drawn outside the range the controller encodes would be clamped to its ends."""
     own = tuple(float(v) for v in controller.config.budget_range)
     given = (args.budget_min_ms, args.budget_max_ms)
@@ -124,7 +125,7 @@ def _check_budget_range(args: KnobGRPOConfig, controller: TwoStageController) ->
         raise ValueError(f"budget_min_ms, budget_max_ms = ({given[0]}, {given[1]}) ms differ from the controller's budget_range "
                          f"({own[0]:g}, {own[1]:g}) ms (budgets outside it all read as its ends); leave them unset (None: the "
                          "controller's range) or set them to it")
-    args.budget_min_ms, args.budget_max_ms = own
+    return own  # not written into args: one config may serve trainers of controllers with other ranges
 
 
 def _check_columns(args: KnobGRPOConfig, datasets: dict[str, Any]) -> None:
@@ -134,7 +135,7 @@ def _check_columns(args: KnobGRPOConfig, datasets: dict[str, Any]) -> None:
     settings = [("prompt_column", args.prompt_column)]
     if args.image_column not in (None, "image"):
         settings.append(("image_column", args.image_column))
-    if args.budget_column != "budget":
+    if args.budget_column not in (None, "budget"):
         settings.append(("budget_column", args.budget_column))
     for split, dataset in datasets.items():
         columns = getattr(dataset, "column_names", None)
@@ -191,7 +192,7 @@ class KnobGRPOTrainer(GRPOTrainer):
             raise TypeError("args must be a KnobGRPOConfig")
         model.check_executor(executor)
         _check_unscaled(model)
-        _check_budget_range(args, model)
+        self.budget_range = _check_budget_range(args, model)
         evals = eval_dataset if isinstance(eval_dataset, dict) else {"": eval_dataset}
         _check_columns(args, {"train_dataset": train_dataset,
                               **{f"eval_dataset[{k!r}]" if k else "eval_dataset": d for k, d in evals.items() if d is not None}})
@@ -243,12 +244,13 @@ class KnobGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ data
     def _set_signature_columns_if_needed(self) -> None:
-        # remove_unused_columns=True keeps only these: the columns the trainer reads, and the answer the
-        # accuracy rewards and answer_logprobs read (TRL's list, prompt/image/images, would drop the
-        # budget column, and with it every budget, without a word)
+        # remove_unused_columns=True keeps only these: the columns the trainer reads, and those the
+        # package's rewards and answer_logprobs read (TRL's list, prompt/image/images, would drop the
+        # budget column, and with it every budget, without a word). As in TRL, a reward function that
+        # reads other columns needs remove_unused_columns=False (the default).
         if self._signature_columns is None:
             args = self.args
-            self._signature_columns = [c for c in (args.prompt_column, args.image_column, args.budget_column, "answer") if c]
+            self._signature_columns = [c for c in (args.prompt_column, args.image_column, args.budget_column, "answer", "choices") if c]
 
     def _prompt_text(self, row: dict[str, Any]) -> str:
         prompt = row[self.args.prompt_column]
@@ -263,6 +265,8 @@ class KnobGRPOTrainer(GRPOTrainer):
         column = self.args.budget_column
         if column in row and row[column] is not None:
             try:
+                if isinstance(row[column], (bool, np.bool_)):  # float(True) would be a 1 ms budget
+                    raise TypeError
                 budget = float(row[column])
             except (TypeError, ValueError):
                 raise ValueError(f"budget {row[column]!r} in column '{column}' is not a number of ms") from None
@@ -273,7 +277,7 @@ class KnobGRPOTrainer(GRPOTrainer):
         key = repr(row.get(self.args.prompt_column)) + repr(row.get("answer"))
         seed = zlib.crc32(key.encode()) ^ (self.state.global_step * 2654435761 + self.args.seed) & 0xFFFFFFFF
         u = torch.rand(1, generator=torch.Generator().manual_seed(seed)).item()
-        lo, hi = self.args.budget_min_ms, self.args.budget_max_ms
+        lo, hi = self.budget_range
         if self.args.budget_sampling == "log_uniform":
             return math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
         return lo + u * (hi - lo)

@@ -11,6 +11,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel
@@ -226,9 +227,65 @@ def test_numpy_greedy_decisions_equal_the_pytorch_ones(space_name, mode, vlm):
     ctrl.stage1.insertion_position_head.bias = torch.nn.Parameter(favour_another_p(before))
     fast, slow = serve_both_ways(ctrl, *args)
     assert fast == slow and fast != before
+    # and a layer replaced by another (a new head, a wrapper), whose parameters the old views never saw
+    before = fast
+    head = torch.nn.Linear(ctrl.config.hidden_size, len(space.insertion_positions))
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(favour_another_p(before))
+    ctrl.stage1.insertion_position_head = head
+    fast, slow = serve_both_ways(ctrl, *args)
+    assert fast == slow and fast != before
     if mode == "latency_token":
         with pytest.raises(ValueError, match=re.escape("latency tokens must be (1, ")):
             ctrl.decide_for_request(vlm, PROMPT, 200.0)[2](tokens[:2])
+
+
+def test_inputs_the_controller_would_misread_are_refused(vlm):
+    """Values the controller used to convert, copy through or decide on silently: a fractional p,
+    tiers it does not have, group sizes that are not counts, budgets of the wrong shape, NaN
+    features, misspelt or impossible sizes, and an executor the overhead is measured on."""
+    from knob_grpo.profiling import measure_decision_overhead
+
+    ctrl = make_controller(vlm.knob_space, "latency_token")
+    lang = torch.randn(2, 32)
+    with pytest.raises(ValueError, match=r"insertion_position=1.9 must be an integer"):  # was decided as p = 1
+        ctrl.stage2_decider(lang[:1], 150.0, "low", 1.9)
+    with pytest.raises(ValueError, match=r"tier='bogus' is not allowed; allowed values: 'low', 'medium', 'high'"):
+        ctrl.decide_stage2(lang, 150.0, [Knobs(tier="bogus", insertion_position=1)] * 2, latency_tokens=torch.randn(2, 32))
+    with pytest.raises(ValueError, match=r"tier='bogus' is not allowed"):
+        ctrl.stage2_decider(lang[:1], 150.0, "bogus", 1)
+    with pytest.raises(ValueError, match=r"got 3 tiers for 2 rows"):
+        ctrl.decide_insertion_position(lang, 150.0, ["low", "high", "high"])
+    text_only = make_controller(SPACES["text_moe"][0], "prompt", dim=32)
+    with pytest.raises(ValueError, match=r"no 'tier' knob"):  # was ignored, and copied into the tuples returned
+        text_only.decide_insertion_position(lang, 150.0, ["high", None])
+    with pytest.raises(ValueError, match=r"no 'tier' knob"):
+        text_only.decide_stage2(lang, 150.0, [Knobs(tier="high", insertion_position=1)] * 2)
+    assert text_only.decide_insertion_position(lang, 150.0, [None, None]) == text_only.decide_insertion_position(lang, 150.0, None)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=rf"num_generations={bad!r} must be an integer >= 1"):
+            ctrl.log_probs([vlm.knob_space.full()] * 2, lang, 150.0, latency_tokens=torch.randn(2, 32), num_generations=bad)
+        with pytest.raises(ValueError, match=rf"num_generations={bad!r} must be an integer >= 1"):
+            text_only.sample(lang, 150.0, num_generations=bad)
+    assert text_only.decide(lang, np.array(150.0)) == text_only.decide(lang, 150.0)  # a 0-d array is one budget
+    with pytest.raises(ValueError, match=r"one number or one per request, got an array of shape \(2, 2\)"):
+        text_only.decide(lang, torch.full((2, 2), 150.0))  # was flattened into four budgets
+    with pytest.raises(ValueError, match="language features contain NaN"):  # the argmax of NaN logits is option 0
+        text_only.decide(torch.full((2, 32), float("nan")), 150.0)
+    with pytest.raises(ValueError, match="latency tokens contain NaN"):
+        ctrl.decide_for_request(vlm, PROMPT, 150.0)[2](torch.full((1, 32), float("nan")))
+    with pytest.raises(ValueError, match="latency tokens contain NaN"):
+        ctrl.decide(lang, 150.0, latency_token_fn=lambda tiers, ps: torch.full((2, 32), float("nan")))
+    with pytest.raises(ValueError, match=r"hiden_size=8 is not a ControllerConfig setting"):  # was kept as an unused attribute
+        TwoStageController.for_executor(vlm, hiden_size=8)
+    with pytest.raises(ValueError, match=r"clamp_budget='no' must be True or False"):
+        TwoStageController.for_executor(vlm, clamp_budget="no")
+    with pytest.raises(ValueError, match=r"hidden_size=0 must be a positive integer"):
+        TwoStageController.for_executor(vlm, hidden_size=0)
+    other = make_controller(SPACES["text_moe"][0], "prompt", dim=32)
+    with pytest.raises(ValueError, match="does not fit this executor"):
+        measure_decision_overhead(vlm, other, [PROMPT])
 
 
 # --------------------------------------------------------------------------- sampling validity
@@ -417,6 +474,9 @@ def test_budgets_that_are_not_numbers_raise_naming_the_value(bad, vlm_space):
             ctrl.decide(lang, budgets)
     with pytest.raises(ValueError, match="latency budget tensor"):
         ctrl.decide(lang, torch.tensor([True, False]))
+    for flags in (np.True_, np.array([True, False])):
+        with pytest.raises(ValueError, match=r"latency budget (np\.)?True_? is not allowed"):
+            ctrl.decide(lang, flags)
 
 
 def test_budgets_outside_the_range_behave_like_its_ends(vlm_space):

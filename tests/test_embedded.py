@@ -199,6 +199,46 @@ def test_pretrain_script_runs_and_loss_goes_down(tmp_path):
     assert ids.shape[0] == 1
 
 
+@pytest.mark.parametrize(
+    "bad_args, message",
+    [
+        (["--tier_probs", "hi=1"], r"unknown tier 'hi'.*tiers are \('low', 'medium', 'high'\)"),
+        (["--tier_probs", "low:0.5"], r"entry 'low:0.5'.*is not tier=weight"),
+        (["--tier_probs", "low=0.5,"], r"entry ''.*is not tier=weight"),
+        (["--tier_probs", "low=abc"], r"weight 'abc' of tier 'low' is not a number"),
+        (["--tier_probs", "low=-1,high=2"], r"weight '-1' of tier 'low' must be a finite number >= 0"),
+        (["--tier_probs", "low=0,high=0"], r"every tier weight 0"),
+        (["--tier_probs", "low=1,low=2"], r"tier 'low' twice"),
+        (["--full_prob", "1.7"], r"--full_prob 1.7 is not a probability; allowed: 0 <= full_prob <= 1"),
+        (["--full_prob", "nan"], r"--full_prob nan is not a probability"),
+        (["--full_depth_types", "compar"], r"unknown question types \['compar'\]"),
+    ],
+)
+def test_pretrain_refuses_bad_arguments_before_touching_the_output_dir(tmp_path, bad_args, message):
+    """A typo in the documented command (``--output_dir knob_grpo/embedded/weights``) must not
+    overwrite training_args.json or truncate the committed training log."""
+    from knob_grpo.embedded.pretrain import main
+
+    log = tmp_path / "training_log.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n')
+    args = tmp_path / "training_args.json"
+    args.write_text('{"seed": 0}')
+    with pytest.raises(ValueError, match=message):
+        main(["--output_dir", str(tmp_path), "--max_steps", "1", "--eval_every", "0", "--save_every", "0", *bad_args])
+    assert log.read_text() == '{"step": 1, "loss": 2.0}\n'
+    assert args.read_text() == '{"seed": 0}'
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["training_args.json", "training_log.jsonl"]
+
+
+def test_pretrain_accepts_the_documented_tier_probs():
+    from knob_grpo.embedded.pretrain import check_args, parse_args
+
+    tier_probs, full_depth = check_args(parse_args(["--output_dir", "unused", "--tier_probs", "low = 1, high=0",
+                                                     "--full_prob", "1", "--full_depth_types", ""]))
+    assert tier_probs == {"low": 1.0, "high": 0.0} and full_depth == frozenset()
+    assert check_args(parse_args(["--output_dir", "unused"]))[0] == {"low": 0.25, "medium": 0.25, "high": 0.5}
+
+
 # ------------------------------------------------------------------------------------- the committed model
 def test_committed_weights_are_small_safetensors():
     files = {f.name: f.stat().st_size for f in WEIGHTS_DIR.iterdir() if f.is_file()}
@@ -260,6 +300,32 @@ def test_sweep_headline_checks():
     committed = load_sweep(WEIGHTS_DIR / "static_sweep.json")
     for config in res["configs"]:
         assert res["accuracy"][config] == pytest.approx(committed["accuracy"][config], abs=1e-9), config
+
+
+@pytest.mark.parametrize(
+    "configs, message",
+    [
+        ("fulll", r"--configs entry 'fulll' \(in 'fulll'\) is not 'full', 'cheapest' or tier/p/k/b"),
+        ("full,low/1/2", r"--configs entry 'low/1/2' .*allowed: 'all' alone, or a comma list of 'full', 'cheapest'"),
+        ("low/1.5/2/6", r"entry 'low/1.5/2/6' .*integers p, k and b"),
+        ("full,", r"entry '' \(in 'full,'\)"),
+        ("all,full", r"entry 'all' \(in 'all,full'\)"),
+        ("ultra/1/2/6", r"entry 'ultra/1/2/6': tier='ultra' is not allowed; allowed values: 'low', 'medium', 'high'"),
+    ],
+)
+def test_sweep_configs_names_the_bad_entry_and_the_allowed_forms(configs, message):
+    from knob_grpo.embedded.sweep import _select_configs
+
+    with pytest.raises(ValueError, match=message):
+        _select_configs(knob_space(), configs)
+
+
+def test_sweep_configs_accepts_every_documented_form():
+    from knob_grpo.embedded.sweep import _select_configs
+
+    space = knob_space()
+    assert _select_configs(space, "all") == list(space.all_configs())
+    assert _select_configs(space, "full, cheapest,medium/1/3/7,low/1/2/6") == [space.full(), space.cheapest(), Knobs("medium", 1, 3, 7)]
 
 
 def test_type_headroom_is_what_choosing_per_question_type_adds_at_each_budget():

@@ -9,6 +9,7 @@ import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -350,6 +351,8 @@ def test_bool_budgets_are_refused():
         lookup_table([("a", 0.5, 10.0)], [100, False])
     with pytest.raises(ValueError, match="budget_ms=True is a bool"):
         oracle_choice([[("a", 1.0, 0.5)]], True)
+    with pytest.raises(ValueError, match=r"budget_ms=np.True_ is a bool"):
+        violation_rate([1.0], np.True_)
 
 
 @pytest.mark.parametrize("name,value", [

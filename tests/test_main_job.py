@@ -98,11 +98,15 @@ def test_train_script_refuses_settings_it_would_overwrite(tmp_path, train_script
         raise AssertionError("main went on to load and train")
 
     monkeypatch.setattr(train_script, "PartialState", loading)
+    config = tmp_path / "run.yaml"
+    config.write_text("decision_overhead_ms: 0.0\n")
     cases = [(["--latency_margin", "0.2"], "latency_margin_from_profile", r"--latency_margin 0\.2"),
              (["--decision_overhead_ms", "1.5"], "measure_decision_overhead", r"--decision_overhead_ms 1\.5"),
              (["--budget_min_ms", "20", "--budget_max_ms", "60"], "budget_range_from_profile",
               r"--budget_min_ms 20\.0 and --budget_max_ms 60\.0"),
-             (["--budget_max_ms", "60"], "budget_range_from_profile", r"--budget_max_ms 60\.0")]
+             (["--budget_max_ms", "60"], "budget_range_from_profile", r"--budget_max_ms 60\.0"),
+             (["--latency_margin", "0"], "latency_margin_from_profile", r"--latency_margin 0\.0"),  # equal to the default: still given
+             (["--config", str(config)], "measure_decision_overhead", r"--decision_overhead_ms 0\.0")]  # and in a YAML file
     for given, flag, named in cases:
         script, args = train_script.parse_args(["--output_dir", str(tmp_path), *given])
         with pytest.raises(ValueError, match=rf"{named}: derived on this device while --{flag} is true; pass --{flag} false"):
@@ -143,6 +147,9 @@ def test_train_script_text_column(tmp_path, train_script):
         train_script.load_data(script, args)
     script, args = train_script.parse_args(trl_style + ["--question_column", "query"])
     with pytest.raises(ValueError, match=r"text column 'query' is not in the dataset \(its columns: prompt, answer\)"):
+        train_script.load_data(script, args)
+    script, args = train_script.parse_args(trl_style + ["--image_column", "picture"])  # used to train text-only, without a word
+    with pytest.raises(ValueError, match=r"--image_column 'picture' is not in the dataset \(its columns: prompt, answer\)"):
         train_script.load_data(script, args)
     script, args = train_script.parse_args(trl_style + ["--answer_column", "label"])
     with pytest.raises(ValueError, match=r"--answer_column 'label' is not in the dataset \(its columns: prompt, answer\)"):

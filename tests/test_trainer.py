@@ -725,10 +725,17 @@ def test_greedy_credit_is_scaled_by_the_spread_of_every_reward_it_uses(tmp_path,
 def test_the_budget_range_is_the_controllers(tmp_path):
     """Unset, KnobGRPOConfig's budget range is the controller's (budgets drawn from another range
     would all be clamped to its ends); set to another range, the trainer refuses it, naming both."""
-    trainer, controller, _ = make_trainer(tmp_path, max_steps=1, budget_min_ms=None, budget_max_ms=None)
-    assert (trainer.args.budget_min_ms, trainer.args.budget_max_ms) == controller.config.budget_range == (50.0, 150.0)
+    trainer, controller, executor = make_trainer(tmp_path, max_steps=1, budget_min_ms=None, budget_max_ms=None)
+    assert trainer.budget_range == controller.config.budget_range == (50.0, 150.0)
     drawn = [trainer._budget_for({"prompt": f"{p} {i}"}) for p in PROMPTS for i in range(20)]
     assert all(50.0 <= b <= 150.0 for b in drawn) and max(drawn) - min(drawn) > 50
+    # the same unset config serves a controller of another range: the range is the trainer's, not written into args
+    assert (trainer.args.budget_min_ms, trainer.args.budget_max_ms) == (None, None)
+    other = TwoStageController.for_executor(executor, stage2_mode="prompt", budget_range=(20.0, 60.0))
+    second = KnobGRPOTrainer(other, executor, [gated_quality_reward], args=trainer.args, train_dataset=trainer.train_dataset,
+                             latency_profile=known_profile(executor))
+    drawn = [second._budget_for({"prompt": f"{p} {i}"}) for p in PROMPTS for i in range(20)]
+    assert all(20.0 <= b <= 60.0 for b in drawn) and max(drawn) - min(drawn) > 20
     for lo, hi in [(170.0, 380.0), (50.0, 200.0), (None, 200.0)]:
         with pytest.raises(ValueError, match=fr"budget_min_ms, budget_max_ms = \({lo}, {hi}\) ms differ from the controller's "
                                              r"budget_range \(50, 150\) ms"):
@@ -773,6 +780,12 @@ def test_missing_columns_and_bad_budgets_are_named(tmp_path):
         build(["prompt", "budget"], budget_column="budget_ms")
     with pytest.raises(ValueError, match="budget 'fast' in column 'budget' is not a number of ms"):
         trainer._budget_for({"prompt": PROMPTS[0], "budget": "fast"})
+    import numpy as np
+
+    for flag in (True, np.True_):  # float(True) would be a 1 ms budget
+        with pytest.raises(ValueError, match=rf"budget {flag!r} in column 'budget' is not a number of ms"):
+            trainer._budget_for({"prompt": PROMPTS[0], "budget": flag})
+    assert 50.0 <= build(["prompt", "budget"], budget_column=None)._budget_for({"prompt": PROMPTS[0], "budget": 1000.0}) <= 150.0  # None: drawn
 
 
 def test_executor_generation_kwargs_given_as_json_text(tmp_path):

@@ -215,6 +215,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def parse_tier_probs(text: str) -> dict[str, float]:
+    """``--tier_probs`` (``tier=weight,...``) as a dict; refuses unknown or repeated tiers and bad weights."""
+    allowed = tuple(M.TIER_PIXELS)
+    form = f"comma-separated tier=weight entries with tiers from {allowed} and finite weights >= 0, e.g. 'low=0.25,medium=0.25,high=0.5'"
+    probs: dict[str, float] = {}
+    for entry in text.split(","):
+        name, sep, value = entry.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"--tier_probs entry {entry!r} (in {text!r}) is not tier=weight; expected {form}")
+        if name not in allowed:
+            raise ValueError(f"--tier_probs has unknown tier {name!r} (in {text!r}); tiers are {allowed}")
+        if name in probs:
+            raise ValueError(f"--tier_probs gives tier {name!r} twice (in {text!r}); expected {form}")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"--tier_probs weight {value!r} of tier {name!r} is not a number; expected {form}") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"--tier_probs weight {value!r} of tier {name!r} must be a finite number >= 0")
+        probs[name] = weight
+    if sum(probs.values()) <= 0:
+        raise ValueError(f"--tier_probs {text!r} gives every tier weight 0; at least one weight must be > 0")
+    return probs
+
+
+def check_args(args: argparse.Namespace) -> tuple[dict[str, float], frozenset[str]]:
+    """Validate the arguments before anything is written: ``(tier_probs, full_depth_types)``."""
+    tier_probs = parse_tier_probs(args.tier_probs)
+    if not (0.0 <= args.full_prob <= 1.0):  # also refuses nan
+        raise ValueError(f"--full_prob {args.full_prob} is not a probability; allowed: 0 <= full_prob <= 1")
+    full_depth_types = frozenset(t.strip() for t in args.full_depth_types.split(",") if t.strip())
+    unknown = full_depth_types - set(QUESTION_TYPES)
+    if unknown:
+        raise ValueError(f"--full_depth_types has unknown question types {sorted(unknown)}; types are {QUESTION_TYPES}")
+    for name in ("max_steps", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} {getattr(args, name)} must be >= 1")
+    for name in ("eval_every", "eval_size", "save_every", "warmup_steps"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} {getattr(args, name)} must be >= 0")
+    if args.log_every < 1:
+        raise ValueError(f"--log_every {args.log_every} must be >= 1")
+    return tier_probs, full_depth_types
+
+
 def lr_at(step: int, args) -> float:
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
@@ -224,15 +270,11 @@ def lr_at(step: int, args) -> float:
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
+    tier_probs, full_depth_types = check_args(args)  # before anything in --output_dir is written or truncated
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tier_probs = {k: float(v) for k, v in (kv.split("=") for kv in args.tier_probs.split(","))}
-    full_depth_types = frozenset(t for t in args.full_depth_types.split(",") if t)
-    unknown = full_depth_types - set(QUESTION_TYPES)
-    if unknown:
-        raise ValueError(f"--full_depth_types has unknown question types {sorted(unknown)}; types are {QUESTION_TYPES}")
 
     if args.init_from:
         model, processor = M.load_embedded_default(args.init_from)

@@ -61,20 +61,34 @@ def _knob_kwargs(k: Knobs) -> dict[str, Any]:
     return {"insertion_position": k.insertion_position, "top_k": k.top_k, "num_active_blocks": k.num_active_blocks}
 
 
+CONFIGS_FORMS = "'all' alone, or a comma list of 'full', 'cheapest' and tier/p/k/b entries such as 'low/1/2/6'"
+
+
 def _select_configs(space, which: str) -> list[Knobs]:
+    """``--configs``: ``all``, or a comma list of ``full``, ``cheapest`` and ``tier/p/k/b`` entries.
+
+    Raises ``ValueError`` naming the bad entry and the allowed forms (and, for a well-formed entry
+    outside the knob space, the allowed values of the offending knob)."""
     configs = list(space.all_configs())
-    if which == "all":
+    if which.strip() == "all":
         return configs
     out: list[Knobs] = []
-    for name in which.split(","):
-        name = name.strip()
+    for entry in which.split(","):
+        name = entry.strip()
         if name == "full":
             cfg = space.full()
         elif name == "cheapest":
             cfg = space.cheapest()
         else:  # tier/p/k/b, e.g. low/1/2/6
-            t, p, k, b = name.split("/")
-            cfg = space.resolve(tier=t, insertion_position=int(p), top_k=int(k), num_active_blocks=int(b))
+            parts = [part.strip() for part in name.split("/")]
+            if len(parts) != 4 or not all(parts[1:]) or not all(part.isdigit() for part in parts[1:]):
+                raise ValueError(f"--configs entry {entry!r} (in {which!r}) is not 'full', 'cheapest' or tier/p/k/b with "
+                                 f"integers p, k and b; allowed: {CONFIGS_FORMS}")
+            t, p, k, b = parts
+            try:
+                cfg = space.resolve(tier=t, insertion_position=int(p), top_k=int(k), num_active_blocks=int(b))
+            except ValueError as exc:
+                raise ValueError(f"--configs entry {entry!r}: {exc}") from None
         if cfg not in out:
             out.append(cfg)
     return out
@@ -228,6 +242,11 @@ def run_sweep(model_dir=None, *, split: str = "test", size: int = 800, configs: 
         torch.set_num_threads(threads)
     from . import load_embedded_adaptive
 
+    from . import knob_space
+
+    if size < 1 or batch_size < 1 or (not skip_timing and timing_samples < 1):
+        raise ValueError(f"size={size}, batch_size={batch_size} and timing_samples={timing_samples} must all be >= 1")
+    cfgs = _select_configs(knob_space(), configs)  # a bad --configs entry fails before the model loads
     adaptive = load_embedded_adaptive(model_dir)
     space = adaptive.knob_space
     cfgs = _select_configs(space, configs)
@@ -257,7 +276,7 @@ def main(argv=None) -> dict[str, Any]:
     ap.add_argument("--model_dir", default=None, help="default: the committed weights (knob_grpo/embedded/weights)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--size", type=int, default=800)
-    ap.add_argument("--configs", default="all", help="'all' or a comma list of full, cheapest, tier/p/k/b")
+    ap.add_argument("--configs", default="all", help=CONFIGS_FORMS)
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--timing_samples", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
