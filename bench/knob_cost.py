@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import torch  # noqa: E402
 
 from knob_grpo import AdaptiveModel  # noqa: E402
+from peak_rss import peak_rss_rise_kb  # noqa: E402  (bench/, beside this script)
 
 
 def cpu_olmoe():
@@ -143,11 +144,6 @@ def wrapper_overhead(adaptive: AdaptiveModel, inputs: dict, pairs: int, new_toke
     return paired_ratio(plain, wrapped, pairs)
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith(field + ":")).split()[1])
-
-
 def _peak_rise_child(wrapped: bool, queue) -> None:
     """In a fresh process: for each model, the peak RSS rise (KiB) of a generate in one mode: the
     first one, and the larger of the next two (steady state)."""
@@ -170,13 +166,8 @@ def _peak_rise_child(wrapped: bool, queue) -> None:
             else:
                 model.generate(**prepared, max_new_tokens=8, min_new_tokens=8, do_sample=False)
 
-        rises = []
-        for _ in range(3):  # the first includes first-call allocations (caches, kernels), the same in both modes
-            before = _status_kb("VmRSS")
-            with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak RSS (VmHWM) to the current RSS
-                f.write("5")
-            generate()
-            rises.append(_status_kb("VmHWM") - before)
+        # the first includes first-call allocations (caches, kernels), the same in both modes
+        rises = [peak_rss_rise_kb(generate) for _ in range(3)]
         out[which] = (rises[0], max(rises[1:]))
         del adaptive, model, prepared
     queue.put(out)

@@ -31,6 +31,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from knob_grpo import AdaptiveModel, KnobGRPOConfig, KnobGRPOTrainer, TwoStageController  # noqa: E402
 from knob_grpo.latency import DECODE_FEATURES, TTFT_FEATURES, LatencyProfile  # noqa: E402
+from peak_rss import peak_rss_rise_kb  # noqa: E402  (bench/, beside this script)
 
 # mode -> (stage2_mode, rollout_mode, batch_rollouts); "fused" is the trainer's default in latency-token mode
 MODES = {"naive": ("latency_token", "naive", False), "prompt": ("prompt", "auto", True), "fused": ("latency_token", "fused", True),
@@ -98,11 +99,6 @@ def step_time(trainer: KnobGRPOTrainer, batch: list[dict]) -> float:
     return time.perf_counter() - start
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith(field + ":")).split()[1])
-
-
 def _peak_child(which: str, mode: str, queue) -> None:
     torch.set_num_threads(1)
     hf_logging.set_verbosity_error()
@@ -110,11 +106,7 @@ def _peak_child(which: str, mode: str, queue) -> None:
     trainer = trainer_for(executor, mode, tempfile.mkdtemp())
     batch = rows(executor)
     step_time(trainer, batch)  # first-call allocations (caches, kernels) are not the mode's working memory
-    before = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak RSS (VmHWM) to the current RSS
-        f.write("5")
-    step_time(trainer, batch)
-    queue.put(_status_kb("VmHWM") - before)
+    queue.put(peak_rss_rise_kb(lambda: step_time(trainer, batch)))
 
 
 def peak_increase_kb(which: str, mode: str) -> int:

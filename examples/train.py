@@ -28,7 +28,7 @@ from accelerate import PartialState  # noqa: E402
 from accelerate.utils import broadcast_object_list  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
-from knob_grpo import AdaptiveModel, KnobGRPOConfig, KnobGRPOTrainer, TwoStageController  # noqa: E402
+from knob_grpo import AdaptiveModel, ControllerConfig, KnobGRPOConfig, KnobGRPOTrainer, TwoStageController  # noqa: E402
 from knob_grpo.evaluation import evaluate_budgets  # noqa: E402
 from knob_grpo.profiling import (fit_profile, measure_decision_overhead, profile_executor, suggest_budget_range,  # noqa: E402
                                 suggest_latency_margin)
@@ -255,8 +255,8 @@ def main(script: ScriptArguments, args: KnobGRPOConfig) -> None:
     if script.budget_range_from_profile and records:
         eval_range = suggest_budget_range(records, args.latency_target, args.decision_overhead_ms, latency_margin=args.latency_margin)
         args.budget_min_ms, args.budget_max_ms = eval_range[0], round(eval_range[1] * script.train_budget_headroom, 1)
-    elif None in eval_range:  # unset: the controller's own range
-        eval_range = new_controller(executor, script, args).config.budget_range
+    elif None in eval_range:  # unset: the controller's own (default) range
+        eval_range = (ControllerConfig.budget_min_ms, ControllerConfig.budget_max_ms)
     if state.is_main_process:
         print(f"decision overhead {args.decision_overhead_ms:.2f} ms; latency margin {args.latency_margin:.3f}; "
               f"budget range {eval_range[0]}-{eval_range[1]} ms (training to {args.budget_max_ms or eval_range[1]} ms)")

@@ -334,14 +334,21 @@ DECODE_FEATURES: tuple[str, ...] = (
 )
 
 
+def _check_number(name: str, value: Any, minimum: float, what: str) -> float:
+    """``value`` as a float, or a ``ValueError`` naming it unless it is a finite number >= ``minimum``
+    (a bool is not a number here: float(True) would pass as 1)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not (math.isfinite(number) and number >= minimum):
+        raise ValueError(f"{name}={value!r} must be a finite number >= {minimum:g} ({what})")
+    return number
+
+
 def _check_feature(name: str, value: Any, low: int, what: str) -> None:
     # A NaN or negative feature would give a NaN or negative latency without any error.
-    try:
-        ok = not isinstance(value, bool) and math.isfinite(float(value)) and value >= low
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"profile feature {name}={value!r} must be a finite number >= {low} ({what})")
+    _check_number(f"profile feature {name}", value, low, what)
 
 
 def profile_features(record: Any) -> dict[str, dict[str, float]]:

@@ -48,6 +48,7 @@ from .latency import (
     LatencyProfile,
     ProfileRecord,
     _check_latency_margin,
+    _check_number,
     current_device_name,
 )
 
@@ -696,16 +697,6 @@ def suggest_budget_range(records: Sequence[SweepRecord], target: str = "ttft", o
                          f"range with low_margin={low_margin} and high_margin={high_margin} ({low} >= {high} ms); "
                          "profile more configurations or narrow the margins")
     return low, high
-
-
-def _check_number(name: str, value: Any, minimum: float, what: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not (math.isfinite(number) and number >= minimum):
-        raise ValueError(f"{name}={value!r} must be a finite number >= {minimum:g} ({what})")
-    return number
 
 
 def suggest_latency_margin(profile: LatencyProfile, records: Sequence[SweepRecord] | Sequence[Sequence[SweepRecord]],

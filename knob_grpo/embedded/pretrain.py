@@ -250,14 +250,12 @@ def check_args(args: argparse.Namespace) -> tuple[dict[str, float], frozenset[st
     unknown = full_depth_types - set(QUESTION_TYPES)
     if unknown:
         raise ValueError(f"--full_depth_types has unknown question types {sorted(unknown)}; types are {QUESTION_TYPES}")
-    for name in ("max_steps", "batch_size", "threads"):
+    for name in ("max_steps", "batch_size", "threads", "log_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} {getattr(args, name)} must be >= 1")
     for name in ("eval_every", "eval_size", "save_every", "warmup_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} {getattr(args, name)} must be >= 0")
-    if args.log_every < 1:
-        raise ValueError(f"--log_every {args.log_every} must be >= 1")
     return tier_probs, full_depth_types
 
 

@@ -240,13 +240,11 @@ def run_sweep(model_dir=None, *, split: str = "test", size: int = 800, configs: 
               timing_samples: int = 32, threads: int | None = 1, skip_timing: bool = False) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
-    from . import load_embedded_adaptive
-
-    from . import knob_space
+    from . import knob_space, load_embedded_adaptive
 
     if size < 1 or batch_size < 1 or (not skip_timing and timing_samples < 1):
         raise ValueError(f"size={size}, batch_size={batch_size} and timing_samples={timing_samples} must all be >= 1")
-    cfgs = _select_configs(knob_space(), configs)  # a bad --configs entry fails before the model loads
+    _select_configs(knob_space(), configs)  # a bad --configs entry fails before the model loads
     adaptive = load_embedded_adaptive(model_dir)
     space = adaptive.knob_space
     cfgs = _select_configs(space, configs)
