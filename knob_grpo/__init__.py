@@ -20,6 +20,7 @@ from .adaptive import AdaptiveModel, ControlledGeneration, PrefixState
 from .architectures import ARCHITECTURES, ArchitectureSpec, register_architecture
 from .config import KnobGRPOConfig
 from .controller import (
+    BELOW_RANGE,
     STAGE2_MODES,
     ControllerConfig,
     ControllerOutput,
@@ -65,6 +66,7 @@ __all__ = [
     "LatencyMeter",
     "LatencyProfile",
     "PrefixState",
+    "BELOW_RANGE",
     "STAGE2_MODES",
     "evaluate_budgets",
     "fit_profile",

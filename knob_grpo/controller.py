@@ -26,6 +26,15 @@ Inputs
   some budget inside it and ``x`` grows without bound -- the decisions there are extrapolation
   and not to be trusted.
 
+  Greedy decisions (everything a server or an evaluation calls) give a budget below the range the
+  knob space's cheapest configuration (``below_range="cheapest"``, the default): the controller
+  never trained there, and a range derived from the latency profile starts a little above what
+  the cheapest configuration costs, so below it nothing else is known to fit. (On the embedded
+  default, where the machine had slowed down since the profile, the decision for the range's lower
+  end was late in 10-28% of requests there, the cheapest configuration in 1-3%.)
+  ``below_range="decide"`` decides from the encoding instead, as above. Sampling and
+  log-probabilities (training) are the policy's either way.
+
   A "budget token" appended to the prompt (an option in the seed design) is not offered: the
   budget enters only through this feature.
 
@@ -84,6 +93,7 @@ __all__ = [
     "ControllerOutput",
     "KnobLogProbs",
     "KnobSample",
+    "BELOW_RANGE",
     "STAGE2_MODES",
     "TwoStageController",
     "language_features",
@@ -91,6 +101,8 @@ __all__ = [
 ]
 
 STAGE2_MODES = ("latency_token", "prompt")
+#: What a greedy decision gives a budget below the trained range (``ControllerConfig.below_range``).
+BELOW_RANGE = ("cheapest", "decide")
 
 #: ``latency_token_fn(tiers, insertion_positions) -> (N, latency_token_dim)``: the latency token
 #: of each row, for that row's stage-1 choice (``tiers`` holds ``None`` for a text-only model).
@@ -115,6 +127,10 @@ class ControllerConfig(PretrainedConfig):
         position_embedding_dim: width of the embedding of ``p`` fed to stage 2.
         stage2_mode: ``"latency_token"`` or ``"prompt"`` (see the module docstring).
         clamp_budget: clamp the normalised budget to ``[0, 1]`` before encoding it.
+        below_range: a greedy decision's tuple for a budget below ``budget_min_ms`` (as the
+            controller reads it, after its ``latency_scale``): ``"cheapest"`` (default) the knob
+            space's cheapest configuration, ``"decide"`` the policy's decision (see the module
+            docstring).
         executor_name_or_path, executor_hidden_size, executor_num_blocks, executor_num_experts:
             the executor the controller was built for (checked by
             :meth:`TwoStageController.check_executor`; ``None`` = not recorded, not checked).
@@ -135,6 +151,7 @@ class ControllerConfig(PretrainedConfig):
     position_embedding_dim: int = 32
     stage2_mode: str = "latency_token"
     clamp_budget: bool = True
+    below_range: str = "cheapest"
     executor_name_or_path: str | None = None
     executor_hidden_size: int | None = None
     executor_num_blocks: int | None = None
@@ -163,6 +180,8 @@ class ControllerConfig(PretrainedConfig):
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if not isinstance(self.clamp_budget, bool):  # "no" would be stored and act as True
             raise ValueError(f"clamp_budget={self.clamp_budget!r} must be True or False")
+        if self.below_range not in BELOW_RANGE:
+            raise ValueError(f"below_range={self.below_range!r} is not one of {', '.join(map(repr, BELOW_RANGE))}")
         if self.budget_encoding_dim < 2 or self.budget_encoding_dim % 2:
             raise ValueError(f"budget_encoding_dim={self.budget_encoding_dim} must be even and >= 2")
         if self.latency_token_dim is None:
@@ -797,6 +816,17 @@ class TwoStageController(PreTrainedModel):
             raise ValueError(f"got {len(values)} budgets for {n} requests; give one budget, or one per request")
         return values
 
+    def _below_range(self, values: Sequence[float]) -> list[bool]:
+        """Which of these (checked) budgets a greedy decision answers with the cheapest configuration:
+        those read below the trained range, with ``below_range="cheapest"``."""
+        cheapest = self.config.below_range == "cheapest"
+        return [cheapest and v / self._latency_scale < self.config.budget_min_ms for v in values]
+
+    def _cheapest_rest(self, insertion_position: int) -> tuple[int | None, int]:
+        """The cheapest ``(top_k, num_active_blocks)`` after a given ``p``."""
+        space = self.knob_space
+        return (space.top_k_options[0] if space.top_k_options else None), space.block_options(insertion_position)[0]
+
     def _latency_tokens(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
         tokens = torch.as_tensor(tokens)
         if tokens.dim() == 1:
@@ -958,14 +988,26 @@ class TwoStageController(PreTrainedModel):
         if self.stage2_mode == "latency_token" and latency_token_fn is None:
             raise ValueError("a latency_token controller needs latency_token_fn(tiers, insertion_positions) -> (N, d) for stage 2")
         language = self._language(language)
-        code = self.budget_code(budgets, language.shape[0])
+        values = self._budget_values(budgets, language.shape[0])
+        code = self.budget_code(values, language.shape[0])
+        # greedy decisions: the cheapest configuration below the trained range (ControllerConfig.below_range)
+        below = torch.tensor(self._below_range(values) if greedy else [False], device=language.device)
         if num_generations > 1:
             language = language.repeat_interleave(num_generations, dim=0)
             code = code.repeat_interleave(num_generations, dim=0)
+            below = below.repeat_interleave(num_generations) if greedy else below
         n = language.shape[0]
         idx: dict[str, torch.Tensor] = {}
         logps: dict[str, torch.Tensor] = {}
+        cheapest = self.knob_indices([self.knob_space.cheapest()]) if bool(below.any()) else {}
+
+        def cheapest_below(names: tuple[str, ...]) -> None:
+            for name in names:
+                if name in idx and cheapest:
+                    idx[name] = torch.where(below, cheapest[name], idx[name])
+
         self._stage1(language, code, greedy, generator, idx, logps, temperature, stage1_exploration)
+        cheapest_below(("tier", "insertion_position"))
         tiers, ps = self._stage1_values(idx)
         tokens = None
         if self.stage2_mode == "latency_token":
@@ -973,6 +1015,7 @@ class TwoStageController(PreTrainedModel):
         context = language if tokens is None else tokens
         self._choose(self.stage2(context, code, idx["insertion_position"]), ("top_k", "num_active_blocks"), greedy, generator, idx, logps,
                      temperature)
+        cheapest_below(("top_k", "num_active_blocks"))
         knobs = self._to_knobs(idx, tiers, ps)
         if greedy:
             return KnobSample(knobs=knobs, log_probs={}, log_prob=language.new_zeros(0), indices=idx, latency_tokens=tokens)
@@ -1074,51 +1117,68 @@ class TwoStageController(PreTrainedModel):
     # ------------------------------------------------------------------ one-call inference
     @torch.inference_mode()
     def decide_stage1(self, language: torch.Tensor, budgets: Any) -> list[tuple[str | None, int]]:
-        """The greedy ``(tier, insertion_position)`` for each of ``B`` requests (stage 1 only)."""
+        """The greedy ``(tier, insertion_position)`` for each of ``B`` requests (stage 1 only; below
+        the trained range, the cheapest configuration's: ``ControllerConfig.below_range``)."""
         language = self._language(language)
+        values = self._budget_values(budgets, language.shape[0])
         idx: dict[str, torch.Tensor] = {}
-        self._stage1(language, self.budget_code(budgets, language.shape[0]), True, None, idx, {})
-        return list(zip(*self._stage1_values(idx)))
+        self._stage1(language, self.budget_code(values, language.shape[0]), True, None, idx, {})
+        cheapest = self.knob_space.cheapest()
+        return [(cheapest.tier, cheapest.insertion_position) if below else decided
+                for decided, below in zip(zip(*self._stage1_values(idx)), self._below_range(values))]
 
     @torch.no_grad()
     def decide_insertion_position(self, language: torch.Tensor, budgets: Any, tiers: Sequence[str | None]) -> list[int]:
         """The greedy ``insertion_position`` for each of ``B`` requests given its tier (``tiers``:
-        one per request, ``None`` entries for a model without tiers)."""
+        one per request, ``None`` entries for a model without tiers; below the trained range, the
+        cheapest configuration's: ``ControllerConfig.below_range``)."""
         language = self._language(language)
         n = language.shape[0]
         tier_index = self._tier_index(tiers, n)
-        index = self._stage1_logits(language, self.budget_code(budgets, n), tier_index)["insertion_position"].argmax(-1)
-        return [self.knob_space.insertion_positions[i] for i in index.tolist()]
+        values = self._budget_values(budgets, n)
+        index = self._stage1_logits(language, self.budget_code(values, n), tier_index)["insertion_position"].argmax(-1)
+        cheapest = self.knob_space.cheapest().insertion_position
+        return [cheapest if below else self.knob_space.insertion_positions[i] for i, below in zip(index.tolist(), self._below_range(values))]
 
     @torch.no_grad()
     def decide_stage2(self, language: torch.Tensor, budgets: Any, stage1: Sequence[Knobs], *,
                       latency_tokens: torch.Tensor | None = None) -> list[Knobs]:
         """Greedy stage 2 after given stage-1 choices: for each of ``N`` rows, ``stage1[i]``'s tier
         and ``p`` with the ``top_k`` and ``num_active_blocks`` stage 2 would pick for them (argmax),
-        reading ``latency_tokens[i]`` ``(N, latency_token_dim)`` in latency-token mode."""
+        reading ``latency_tokens[i]`` ``(N, latency_token_dim)`` in latency-token mode. Below the
+        trained range, the cheapest ``top_k`` and ``num_active_blocks`` after that ``p``
+        (``ControllerConfig.below_range``)."""
         language = self._language(language)
         n = language.shape[0]
         if len(stage1) != n:
             raise ValueError(f"got {len(stage1)} stage-1 choices for {n} rows")
-        code = self.budget_code(budgets, n)
+        values = self._budget_values(budgets, n)
+        code = self.budget_code(values, n)
         positions = [k.insertion_position for k in stage1]
         self._tier_index([k.tier for k in stage1], n)  # the tiers the returned tuples carry are real ones
         idx: dict[str, torch.Tensor] = {}
         self._choose(self.stage2(self._stage2_context(language, latency_tokens, n), code, self._p_index(positions)),
                      ("top_k", "num_active_blocks"), True, None, idx, {})
-        return self._to_knobs(idx, [k.tier for k in stage1], positions)
+        knobs = self._to_knobs(idx, [k.tier for k in stage1], positions)
+        return [Knobs(k.tier, k.insertion_position, *self._cheapest_rest(k.insertion_position)) if below else k
+                for k, below in zip(knobs, self._below_range(values))]
 
     def stage2_decider(self, language: torch.Tensor, budget: float, tier: str | None, insertion_position: int) -> Callable[[torch.Tensor], tuple[int | None, int]]:
         """Greedy stage 2 for one request whose stage 1 chose ``(tier, insertion_position)``, as the
         ``decide`` function of :meth:`AdaptiveModel.generate_with_decision`: latency token
         ``(1, latency_token_dim)`` -> ``(top_k, num_active_blocks)``. In prompt mode the token is
-        ignored (stage 2 reads the language feature)."""
+        ignored (stage 2 reads the language feature); below the trained range it is ignored too,
+        and ``decide`` gives the cheapest options after that ``p`` (``ControllerConfig.below_range``)."""
         language = self._language(language)
         if language.shape[0] != 1:
             raise ValueError(f"stage2_decider is for one request; got language features for {language.shape[0]}")
-        code = self.budget_code(budget, 1)
+        values = self._budget_values(budget, 1)
+        code = self.budget_code(values, 1)
         self._tier_index([tier], 1)
         p_index = self._p_index([insertion_position])
+        if self._below_range(values)[0]:
+            rest = self._cheapest_rest(insertion_position)
+            return lambda latency_token: rest
 
         @torch.inference_mode()
         def decide(latency_token: torch.Tensor) -> tuple[int | None, int]:
@@ -1140,8 +1200,13 @@ class TwoStageController(PreTrainedModel):
         decisions as :meth:`decide_stage1` and :meth:`stage2_decider`, without the ~20 small PyTorch
         ops they run, each several times slower inside a request than in a loop. It runs inside each
         request's time, so it does not check the executor: do that once with :meth:`check_executor`,
-        as :meth:`decide_and_generate` and the evaluation do.
+        as :meth:`decide_and_generate` and the evaluation do. Below the trained range it decides
+        nothing: the cheapest configuration (``ControllerConfig.below_range``).
         """
+        values = self._budget_values(budget, 1)
+        if self._below_range(values)[0]:
+            cheapest = self.knob_space.cheapest()
+            return cheapest.tier, cheapest.insertion_position, lambda latency_token: (cheapest.top_k, cheapest.num_active_blocks)
         fast = self._numpy_greedy()
         if fast is None:
             language = self._language(prompt_features(adaptive, [text]))
@@ -1149,7 +1214,7 @@ class TwoStageController(PreTrainedModel):
             return tier, p, self.stage2_decider(language, budget, tier, p)
         space = self.knob_space
         language = _NumpyGreedy.language(adaptive, text)
-        code = fast.budget_code(self._budget_values(budget, 1))
+        code = fast.budget_code(values)
         tier_index, p_index = fast.stage1(language, code)
         tier = None if tier_index is None else space.tiers[int(tier_index[0])]
         p_index = int(p_index[0])

@@ -689,7 +689,9 @@ def evaluate_budgets(
             table's own calibration runs (:func:`~knob_grpo.profiling.suggest_latency_scale` on
             them): both then choose from the same runs, timed at the same moment. Needs
             ``profile_dataset`` (a sweep run now). Budgets the scale moves outside the
-            controller's training range are read as its nearest end (``clamp_budget``, the default).
+            controller's training range are listed in the metadata: one below it gets the
+            cheapest configuration (``below_range``, the default), one above is read as the
+            range's upper end (``clamp_budget``, the default).
         output_dir: if given, ``evaluation.md``, ``evaluation.json`` and ``pareto.png`` go there.
         warmup: untimed warm-up passes before timing; num_threads: PyTorch threads during the
             sweep (restored afterwards; ``None`` leaves them). seed: the timing order's shuffle.
@@ -808,7 +810,8 @@ def evaluate_budgets(
     outside = [b for b in budgets if lo is not None and hi is not None and not lo <= b / scale <= hi]
     if outside:  # worth knowing when reading the controller's rows
         metadata["budgets outside the controller's training range"] = (
-            ", ".join(_outside_note(b, scale, lo, hi, getattr(config, "clamp_budget", True)) for b in outside)
+            ", ".join(_outside_note(b, scale, lo, hi, getattr(config, "clamp_budget", True), getattr(config, "below_range", "decide"))
+                      for b in outside)
             + f"; range {lo:g}-{hi:g} ms")
     result = EvaluationResult(
         budgets=budgets,
@@ -826,13 +829,16 @@ def evaluate_budgets(
     return result
 
 
-def _outside_note(budget: float, scale: float, lo: float, hi: float, clamp: bool) -> str:
-    """How the controller reads a budget outside its training range: the nearest end of the range
-    with ``clamp_budget``, else extrapolated (see :mod:`knob_grpo.controller`)."""
+def _outside_note(budget: float, scale: float, lo: float, hi: float, clamp: bool, below_range: str) -> str:
+    """How the controller reads a budget outside its training range: below it the cheapest
+    configuration with ``below_range="cheapest"``; else the nearest end of the range with
+    ``clamp_budget``, or extrapolated (see :mod:`knob_grpo.controller`)."""
     scaled = budget / scale
     below = scaled < lo
     seen = [] if scale == 1.0 else [f"{scaled:.1f} after the latency scale"]
-    if clamp:
+    if below and below_range == "cheapest":
+        seen.append("below the range: the cheapest configuration")
+    elif clamp:
         seen.append(f"read as {lo if below else hi:g}, the range's {'lower' if below else 'upper'} end")
     else:
         seen.append(f"extrapolated {'below' if below else 'above'} the range, clamp_budget=False")

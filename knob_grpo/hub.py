@@ -6,6 +6,16 @@ import math
 from typing import Any
 
 
+def _outside_the_range(config: Any) -> str:
+    """What the controller decides for budgets outside its range (``below_range``, ``clamp_budget``)."""
+    lo, hi = config.budget_range
+    if config.below_range == "cheapest":
+        below = "below it the cheapest configuration"
+    else:
+        below = f"below it as at {lo:g} ms" if config.clamp_budget else "below it extrapolated"
+    return below + (f", above it as at {hi:g} ms" if config.clamp_budget else ", above it extrapolated")
+
+
 def _example_budget(lo: float, hi: float) -> float:
     """A budget inside ``[lo, hi]`` for the card's example: the geometric midpoint (the middle of a
     range spread geometrically, as the evaluation's budgets are), to three significant digits."""
@@ -50,7 +60,7 @@ def controller_model_card(
         + f" ({space.num_blocks} blocks"
         + (f", {space.num_experts} experts, top-{space.default_top_k}" if space.num_experts else ", dense")
         + ")",
-        f"- **Budget range:** {lo:g}–{hi:g} ms",
+        f"- **Budget range:** {lo:g}–{hi:g} ms ({_outside_the_range(config)})",
         f"- **Stage 2 mode:** `{config.stage2_mode}`",
     ]
     if dataset_name:

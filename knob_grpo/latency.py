@@ -97,6 +97,8 @@ def _check_budgets(budgets: Iterable[Any]) -> list[float]:
 
 def _check_latency(latency: Any, name: str = "latency_ms") -> float:
     try:
+        if isinstance(latency, (bool, np.bool_)):  # float(True) would be a 1 ms latency
+            raise TypeError
         value = float(latency)
     except (TypeError, ValueError):
         raise ValueError(f"{name}={latency!r} is not a number") from None

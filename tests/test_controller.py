@@ -492,6 +492,51 @@ def test_budgets_outside_the_range_behave_like_its_ends(vlm_space):
     assert not torch.allclose(free.log_probs(configs, lang, 1234.5).total, free.log_probs(configs, lang, 400.0).total)
 
 
+@pytest.mark.parametrize("mode", ["latency_token", "prompt"])
+def test_greedy_decisions_below_the_range_are_the_cheapest_configuration(mode, vlm, tmp_path):
+    """Every greedy path gives a budget read below the trained range the cheapest configuration
+    (below_range="cheapest", the default), after the latency scale; sampling stays the policy's, and
+    below_range="decide" decides there as at the range's lower end."""
+    space = vlm.knob_space
+    full, cheapest = space.full(), space.cheapest()
+    ctrl = steer(TwoStageController.for_executor(vlm, stage2_mode=mode, budget_range=(100, 400)), full)
+    assert ctrl.config.below_range == "cheapest" and cheapest != full
+    lang = prompt_features(vlm, [PROMPT, PROMPT])
+    zeros = torch.zeros(2, ctrl.config.latency_token_dim)
+    tokens = token_table(space, ctrl.config.latency_token_dim)
+    budgets = [99.0, 100.0]
+    assert ctrl.decide(lang, budgets, latency_token_fn=tokens) == [cheapest, full]
+    assert ctrl.decide_stage1(lang, budgets) == [(cheapest.tier, cheapest.insertion_position), (full.tier, full.insertion_position)]
+    assert ctrl.decide_insertion_position(lang, budgets, ["high", "high"]) == [cheapest.insertion_position, full.insertion_position]
+    after_full_p = Knobs("high", full.insertion_position, space.top_k_options[0], space.block_options(full.insertion_position)[0])
+    assert ctrl.decide_stage2(lang, budgets, [Knobs("high", full.insertion_position)] * 2, latency_tokens=zeros) == [after_full_p, full]
+    assert ctrl.stage2_decider(lang[:1], 99.0, "high", full.insertion_position)(zeros[:1]) == (after_full_p.top_k, after_full_p.num_active_blocks)
+    for numpy_decisions in (True, False):  # the one-request path a server and the evaluation take, both implementations
+        ctrl.__dict__["_numpy_decisions"] = numpy_decisions
+        for budget, knobs in ((99.0, cheapest), (100.0, full)):
+            tier, p, decide = ctrl.decide_for_request(vlm, PROMPT, budget)
+            assert Knobs(tier, p, *decide(zeros[:1])) == knobs
+    ctrl.latency_scale = 1.5  # 149 ms now reads as 99.3
+    assert ctrl.decide(lang, [149.0, 150.0], latency_token_fn=tokens) == [cheapest, full]
+    _, chosen = ctrl.decide_and_generate(vlm, PROMPT, [tiny_image(1)], 149.0, max_new_tokens=1, do_sample=False)
+    assert chosen == [cheapest]
+    ctrl.latency_scale = 1.0
+    # training is unchanged: sampling below the range draws from the policy as at the lower end
+    drawn = [ctrl.sample(lang, b, num_generations=4, latency_token_fn=tokens, generator=torch.Generator().manual_seed(3)).knobs
+             for b in (50.0, 100.0)]
+    assert drawn[0] == drawn[1] and cheapest not in drawn[0]
+    # "decide", saved with the checkpoint: the policy's decision, as at the lower end
+    ctrl.config.below_range = "decide"
+    ctrl.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert loaded.config.below_range == "decide"
+    assert loaded.decide(lang, budgets, latency_token_fn=tokens) == [full, full]
+    tier, p, decide = loaded.decide_for_request(vlm, PROMPT, 50.0)
+    assert Knobs(tier, p, *decide(zeros[:1])) == full
+    with pytest.raises(ValueError, match=r"below_range='clamp' is not one of 'cheapest', 'decide'"):
+        TwoStageController.for_executor(vlm, below_range="clamp")
+
+
 def test_latency_scale_reads_each_budget_as_that_many_times_smaller(vlm_space, tmp_path):
     ctrl = make_controller(vlm_space, "prompt", head_scale=3.0)
     lang = torch.randn(4, 32)

@@ -252,7 +252,7 @@ def test_latency_profile_sets_the_controller_scale_from_the_lookup_tables_own_ru
     assert f"- controller latency scale: {scale:.3f} (" in result.to_markdown() and "25.0% latency margin" in result.to_markdown()
     assert seen and all(s == pytest.approx(scale) for s in seen)  # every decision, warm-up and timed, read the scale
     assert (f"- budgets outside the controller's training range: 10 ({10 / scale:.1f} after the latency scale, "
-            "read as 10, the range's lower end)") in result.to_markdown()
+            "below the range: the cheapest configuration)") in result.to_markdown()
     assert controller.latency_scale == 1.7
     for budget in budgets:
         for row, outcome in zip(eval_rows, result.outcomes[("controller", budget)]):
@@ -303,19 +303,29 @@ def test_lookup_table_through_evaluate_budgets(vlm, data):
 
 
 def test_metadata_says_how_the_controller_reads_budgets_outside_its_range(vlm, data):
-    """With clamp_budget (the default) a budget the latency scale moves outside the training range
-    is read as the range's nearest end; without it, it is extrapolated."""
+    """A budget the latency scale moves below the training range gets the cheapest configuration
+    (below_range="cheapest", the default), one above it is read as the range's upper end
+    (clamp_budget, the default); with below_range="decide" one below is read as the lower end, and
+    without clamp_budget both are extrapolated."""
     eval_rows, _ = data
     records = StaticSweep(executor=vlm.name_or_path, device=current_device_name(vlm.device), configs=[FAST],
                           outcomes=[[outcome(1.0, 10.0, None)]], row_ids=["a calibration row"])
     run = dict(profile_records=records, max_new_tokens=1, include_oracle=False, num_threads=THREADS, progress=False)
-    clamped = TwoStageController.for_executor(vlm, stage2_mode="latency_token", budget_range=(10, 100))
+    default = TwoStageController.for_executor(vlm, stage2_mode="latency_token", budget_range=(10, 100))
+    default.latency_scale = 2.0
+    result = evaluate_budgets(vlm, default, eval_rows[:1], [10.0, 150.0, 300.0], **run)
+    assert result.metadata["budgets outside the controller's training range"] == (
+        "10 (5.0 after the latency scale, below the range: the cheapest configuration), "
+        "300 (150.0 after the latency scale, read as 100, the range's upper end); range 10-100 ms")
+    assert [o.knobs for o in result.outcomes[("controller", 10.0)]] == [vlm.knob_space.cheapest()]
+    clamped = TwoStageController.for_executor(vlm, stage2_mode="latency_token", budget_range=(10, 100), below_range="decide")
     clamped.latency_scale = 2.0
     metadata = evaluate_budgets(vlm, clamped, eval_rows[:1], [10.0, 150.0, 300.0], **run).metadata
     assert metadata["budgets outside the controller's training range"] == (
         "10 (5.0 after the latency scale, read as 10, the range's lower end), "
         "300 (150.0 after the latency scale, read as 100, the range's upper end); range 10-100 ms")
-    raw = TwoStageController.for_executor(vlm, stage2_mode="latency_token", budget_range=(10, 100), clamp_budget=False)
+    raw = TwoStageController.for_executor(vlm, stage2_mode="latency_token", budget_range=(10, 100), clamp_budget=False,
+                                          below_range="decide")
     metadata = evaluate_budgets(vlm, raw, eval_rows[:1], [5.0, 50.0], **run).metadata
     assert metadata["budgets outside the controller's training range"] == (
         "5 (extrapolated below the range, clamp_budget=False); range 10-100 ms")

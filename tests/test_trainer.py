@@ -819,9 +819,9 @@ def test_remove_unused_columns_keeps_the_columns_the_trainer_reads(tmp_path, pro
 
 def test_model_card_example_and_training_settings(tmp_path):
     """The card's example loads the controller from its Hub id (namespace included) and asks for a
-    budget inside the controller's range; the training section names the latency margin and the
-    decision overhead, and how the served controller's latency_scale is set. Without a recorded
-    executor, no "None" appears."""
+    budget inside the controller's range, and the card says what budgets outside that range get; the
+    training section names the latency margin and the decision overhead, and how the served
+    controller's latency_scale is set. Without a recorded executor, no "None" appears."""
     from knob_grpo.hub import controller_model_card
 
     trainer, controller, _ = make_trainer(tmp_path, max_steps=1, hub_model_id="someone/knob-controller", latency_margin=0.05,
@@ -831,6 +831,11 @@ def test_model_card_example_and_training_settings(tmp_path):
     assert 'controller = AutoModel.from_pretrained("someone/knob-controller")' in card
     assert 'executor.generate("your question", latency_budget=86.6, controller=controller)' in card  # sqrt(50 * 150); text only
     assert "latency margin 0.05, decision overhead 1.5 ms" in card
+    assert "- **Budget range:** 50–150 ms (below it the cheapest configuration, above it as at 150 ms)" in card
+    controller.config.below_range, controller.config.clamp_budget = "decide", False
+    assert "50–150 ms (below it extrapolated, above it extrapolated)" in controller_model_card(controller, model_name="x")
+    controller.config.below_range, controller.config.clamp_budget = "decide", True
+    assert "50–150 ms (below it as at 50 ms, above it as at 150 ms)" in controller_model_card(controller, model_name="x")
     assert "`knob_grpo.profiling.suggest_latency_scale` with the saved `latency_profile.json` and `latency_margin=0.05`" in card
     controller.config.executor_name_or_path = None
     card = controller_model_card(controller, model_name="x")
