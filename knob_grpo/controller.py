@@ -31,7 +31,7 @@ Inputs
   never trained there, and a range derived from the latency profile starts a little above what
   the cheapest configuration costs, so below it nothing else is known to fit. (On the embedded
   default, where the machine had slowed down since the profile, the decision for the range's lower
-  end was late in 10-28% of requests there, the cheapest configuration in 1-3%.)
+  end was late in 10-28% of requests there, the best static configuration, on the low tier, in 1-3%.)
   ``below_range="decide"`` decides from the encoding instead, as above. Sampling and
   log-probabilities (training) are the policy's either way.
 

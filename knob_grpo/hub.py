@@ -3,7 +3,25 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
+
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+
+def _hub_model_id(name: str | None) -> str | None:
+    """``name`` if it can be the card's ``base_model`` (a Hub model id, as the Hub checks the card's
+    metadata), else ``None``: a local folder (as TRL's cards leave out), the package's embedded model,
+    or a name the Hub would refuse."""
+    from .embedded import EMBEDDED_NAME
+
+    if not name or os.path.isdir(name) or name.startswith(EMBEDDED_NAME):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 def _outside_the_range(config: Any) -> str:
@@ -49,8 +67,8 @@ def controller_model_card(
         "library_name: knob_grpo",
         "tags: [knob-grpo, trl, grpo, latency-budget, mixture-of-experts]",
     ]
-    if config.executor_name_or_path:
-        lines.append(f"base_model: {config.executor_name_or_path}")
+    if base_model := _hub_model_id(config.executor_name_or_path):
+        lines.append(f"base_model: {base_model}")
     lines += ["---", "", f"# {model_name}", ""]
     lines += [
         "A two-stage knob controller trained with GRPO by [knob_grpo](https://pypi.org/project/knob-grpo/).",

@@ -821,7 +821,8 @@ def test_model_card_example_and_training_settings(tmp_path):
     """The card's example loads the controller from its Hub id (namespace included) and asks for a
     budget inside the controller's range, and the card says what budgets outside that range get; the
     training section names the latency margin and the decision overhead, and how the served
-    controller's latency_scale is set. Without a recorded executor, no "None" appears."""
+    controller's latency_scale is set. base_model names only a Hub id. Without a recorded executor, no
+    "None" appears."""
     from knob_grpo.hub import controller_model_card
 
     trainer, controller, _ = make_trainer(tmp_path, max_steps=1, hub_model_id="someone/knob-controller", latency_margin=0.05,
@@ -837,6 +838,11 @@ def test_model_card_example_and_training_settings(tmp_path):
     controller.config.below_range, controller.config.clamp_budget = "decide", True
     assert "50–150 ms (below it as at 50 ms, above it as at 150 ms)" in controller_model_card(controller, model_name="x")
     assert "`knob_grpo.profiling.suggest_latency_scale` with the saved `latency_profile.json` and `latency_margin=0.05`" in card
+    # base_model is a Hub id or absent, as the Hub checks the card's metadata (and TRL's cards leave out local folders)
+    for name, base_model in (("someone/executor", "someone/executor"), ("knob_grpo/embedded", None), (str(tmp_path), None)):
+        controller.config.executor_name_or_path = name
+        card = controller_model_card(controller, model_name="x")
+        assert (f"\nbase_model: {base_model}\n" in card) if base_model else "base_model" not in card
     controller.config.executor_name_or_path = None
     card = controller_model_card(controller, model_name="x")
     assert "None" not in card and "# load the executor the controller was trained for" in card
