@@ -29,11 +29,16 @@ Inputs
   Greedy decisions (everything a server or an evaluation calls) give a budget below the range the
   knob space's cheapest configuration (``below_range="cheapest"``, the default): the controller
   never trained there, and a range derived from the latency profile starts a little above what
-  the cheapest configuration costs, so below it nothing else is known to fit. (On the embedded
+  the fastest profiled configuration costs (the cheapest, which a profile always times), so below
+  it nothing else is known to fit. Its stage 2 then reads no latency token, and the request runs as
+  a plain generate. (On the embedded
   default, where the machine had slowed down since the profile, the decision for the range's lower
   end was late in 10-28% of requests there, the best static configuration, on the low tier, in 1-3%.)
   ``below_range="decide"`` decides from the encoding instead, as above. Sampling and
-  log-probabilities (training) are the policy's either way.
+  log-probabilities are the policy's either way; the greedy decisions a trainer credits stage 1
+  through (``stage1_credit``) follow the rule like any other, which matters only for budgets from a
+  budget column below the range (drawn budgets lie inside it). Checkpoints saved before the field
+  existed load with the default.
 
   A "budget token" appended to the prompt (an option in the seed design) is not offered: the
   budget enters only through this feature.
@@ -819,8 +824,17 @@ class TwoStageController(PreTrainedModel):
     def _below_range(self, values: Sequence[float]) -> list[bool]:
         """Which of these (checked) budgets a greedy decision answers with the cheapest configuration:
         those read below the trained range, with ``below_range="cheapest"``."""
+        if self.config.below_range not in BELOW_RANGE:  # set after construction: not read as either
+            raise ValueError(f"below_range={self.config.below_range!r} is not one of {', '.join(map(repr, BELOW_RANGE))}")
         cheapest = self.config.below_range == "cheapest"
         return [cheapest and v / self._latency_scale < self.config.budget_min_ms for v in values]
+
+    def reads_latency_token(self, budget: float) -> bool:
+        """Whether the greedy stage 2 for ``budget`` (ms) reads the latency token, inside the generate
+        at block ``p``: in latency-token mode, unless the budget is read below the trained range
+        (``below_range="cheapest"``), where all four knobs are known before anything runs and the
+        request is a plain generate (:meth:`decide_and_generate`, the evaluation's timed runs)."""
+        return self.stage2_mode == "latency_token" and not self._below_range(self._budget_values(budget, 1))[0]
 
     def _cheapest_rest(self, insertion_position: int) -> tuple[int | None, int]:
         """The cheapest ``(top_k, num_active_blocks)`` after a given ``p``."""
@@ -1244,8 +1258,9 @@ class TwoStageController(PreTrainedModel):
         ``adaptive.generate_with_decision(text, images, tier, p, decide=stage 2)``: entering block
         ``p`` the prompt's latency token goes to stage 2, whose ``top_k`` and
         ``num_active_blocks`` hold from there on, so blocks ``0..p-1`` (and the vision tower)
-        process the prompt once, in one generation loop. Prompt mode picks
-        all four knobs first and calls ``adaptive.generate(text, images, tier=..., ...)``.
+        process the prompt once, in one generation loop. Prompt mode, and a budget below the
+        trained range (:meth:`reads_latency_token`), pick all four knobs first and call
+        ``adaptive.generate(text, images, tier=..., ...)``.
 
         ``text``: one prompt or a list; ``images``: ``None``, one image (or a one-element list)
         for a single prompt, or one image per prompt; ``latency_budget``: ms, one value or one per
@@ -1275,7 +1290,7 @@ class TwoStageController(PreTrainedModel):
         for i, text in enumerate(texts):
             tier, p, decide = self.decide_for_request(adaptive, text, budgets[i])
             tier = tier if row_images[i] is not None else None
-            if self.stage2_mode == "latency_token":
+            if self.reads_latency_token(budgets[i]):
                 out, knobs = adaptive.generate_with_decision(texts[i], row_images[i], decide=decide, tier=tier,
                                                              insertion_position=p, **generate_kwargs)
             else:

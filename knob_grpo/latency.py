@@ -97,7 +97,7 @@ def _check_budgets(budgets: Iterable[Any]) -> list[float]:
 
 def _check_latency(latency: Any, name: str = "latency_ms") -> float:
     try:
-        if isinstance(latency, (bool, np.bool_)):  # float(True) would be a 1 ms latency
+        if isinstance(latency, (bool, np.bool_)) or getattr(latency, "dtype", None) in (torch.bool, np.bool_):  # float(True): 1 ms
             raise TypeError
         value = float(latency)
     except (TypeError, ValueError):

@@ -304,20 +304,19 @@ def controller_job(adaptive: Any, controller: Any, text: str, budget: float, pre
     """A ``generate_fn(streamer)`` that lets ``controller`` decide for ``budget`` (ms), then generates.
 
     Everything a request pays for is inside the timed call: prompt features, stage 1, and either
-    stage 2 before the generate (prompt mode) or stage 2 at block ``p`` inside it (latency-token
-    mode). ``prepared`` maps each tier to the request's prepared inputs (``{None: ...}`` for a
+    stage 2 before the generate (prompt mode, or a budget below the trained range) or stage 2 at
+    block ``p`` inside it (latency-token mode). ``prepared`` maps each tier to the request's prepared inputs (``{None: ...}`` for a
     text-only request). Each call stores the knobs it ran in ``record["knobs"]`` and the prompt
     length in ``record["prompt_len"]``.
     """
     has_image = None not in prepared
-    latency_token_mode = controller.stage2_mode == "latency_token"
 
     def generate(streamer: Any) -> Any:
         with torch.inference_mode():
             tier, p, decide = controller.decide_for_request(adaptive, text, budget)
             tier = tier if has_image else None
             record["prompt_len"] = prepared[tier]["input_ids"].shape[-1]
-            if latency_token_mode:  # stage 2 runs inside the one generate, at block p (no second generation loop)
+            if controller.reads_latency_token(budget):  # stage 2 runs inside the one generate, at block p (no second generation loop)
                 output, knobs = adaptive.generate_with_decision(**prepared[tier], decide=decide, insertion_position=p,
                                                                 streamer=streamer, **generate_kwargs)
                 record["knobs"] = dataclasses.replace(knobs, tier=tier)  # the tier the inputs were prepared at

@@ -278,8 +278,8 @@ class KnobGRPOTrainer(GRPOTrainer):
         seed = zlib.crc32(key.encode()) ^ (self.state.global_step * 2654435761 + self.args.seed) & 0xFFFFFFFF
         u = torch.rand(1, generator=torch.Generator().manual_seed(seed)).item()
         lo, hi = self.budget_range
-        if self.args.budget_sampling == "log_uniform":
-            return math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+        if self.args.budget_sampling == "log_uniform":  # rounding must not put a draw below the range (cheapest there)
+            return min(hi, max(lo, math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))))
         return lo + u * (hi - lo)
 
     # ------------------------------------------------------------------ executing one tuple

@@ -493,10 +493,11 @@ def test_budgets_outside_the_range_behave_like_its_ends(vlm_space):
 
 
 @pytest.mark.parametrize("mode", ["latency_token", "prompt"])
-def test_greedy_decisions_below_the_range_are_the_cheapest_configuration(mode, vlm, tmp_path):
+def test_greedy_decisions_below_the_range_are_the_cheapest_configuration(mode, vlm, tmp_path, monkeypatch):
     """Every greedy path gives a budget read below the trained range the cheapest configuration
-    (below_range="cheapest", the default), after the latency scale; sampling stays the policy's, and
-    below_range="decide" decides there as at the range's lower end."""
+    (below_range="cheapest", the default), after the latency scale, and the request runs as a plain
+    generate; sampling stays the policy's, and below_range="decide" decides there as at the range's
+    lower end."""
     space = vlm.knob_space
     full, cheapest = space.full(), space.cheapest()
     ctrl = steer(TwoStageController.for_executor(vlm, stage2_mode=mode, budget_range=(100, 400)), full)
@@ -516,10 +517,16 @@ def test_greedy_decisions_below_the_range_are_the_cheapest_configuration(mode, v
         for budget, knobs in ((99.0, cheapest), (100.0, full)):
             tier, p, decide = ctrl.decide_for_request(vlm, PROMPT, budget)
             assert Knobs(tier, p, *decide(zeros[:1])) == knobs
+    del ctrl.__dict__["_numpy_decisions"]
     ctrl.latency_scale = 1.5  # 149 ms now reads as 99.3
     assert ctrl.decide(lang, [149.0, 150.0], latency_token_fn=tokens) == [cheapest, full]
-    _, chosen = ctrl.decide_and_generate(vlm, PROMPT, [tiny_image(1)], 149.0, max_new_tokens=1, do_sample=False)
+    assert [ctrl.reads_latency_token(b) for b in (149.0, 150.0)] == [False, mode == "latency_token"]
+    kwargs = dict(max_new_tokens=2, do_sample=False)
+    with monkeypatch.context() as patched:  # all four knobs are known before the generate: no split one
+        patched.setattr(vlm, "generate_with_decision", lambda *a, **k: pytest.fail("a split generate below the range"))
+        out, chosen = ctrl.decide_and_generate(vlm, PROMPT, [tiny_image(1)], 149.0, **kwargs)
     assert chosen == [cheapest]
+    assert torch.equal(out, vlm.generate(PROMPT, [tiny_image(1)], **cheapest.as_dict(), **kwargs))
     ctrl.latency_scale = 1.0
     # training is unchanged: sampling below the range draws from the policy as at the lower end
     drawn = [ctrl.sample(lang, b, num_generations=4, latency_token_fn=tokens, generator=torch.Generator().manual_seed(3)).knobs
@@ -535,6 +542,9 @@ def test_greedy_decisions_below_the_range_are_the_cheapest_configuration(mode, v
     assert Knobs(tier, p, *decide(zeros[:1])) == full
     with pytest.raises(ValueError, match=r"below_range='clamp' is not one of 'cheapest', 'decide'"):
         TwoStageController.for_executor(vlm, below_range="clamp")
+    loaded.config.below_range = "Cheapest"  # set after construction: refused when read, not taken for "decide"
+    with pytest.raises(ValueError, match=r"below_range='Cheapest' is not one of 'cheapest', 'decide'"):
+        loaded.decide(lang, budgets, latency_token_fn=tokens)
 
 
 def test_latency_scale_reads_each_budget_as_that_many_times_smaller(vlm_space, tmp_path):

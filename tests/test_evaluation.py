@@ -302,17 +302,22 @@ def test_lookup_table_through_evaluate_budgets(vlm, data):
         assert o.score in (0.0, 1.0) and o.ttft_ms > 0 and o.knobs.tier in vlm.knob_space.tiers
 
 
-def test_metadata_says_how_the_controller_reads_budgets_outside_its_range(vlm, data):
+def test_metadata_says_how_the_controller_reads_budgets_outside_its_range(vlm, data, monkeypatch):
     """A budget the latency scale moves below the training range gets the cheapest configuration
     (below_range="cheapest", the default), one above it is read as the range's upper end
     (clamp_budget, the default); with below_range="decide" one below is read as the lower end, and
-    without clamp_budget both are extrapolated."""
+    without clamp_budget both are extrapolated. Below the range the timed request is a plain generate
+    (no stage 2 to run at block p)."""
     eval_rows, _ = data
     records = StaticSweep(executor=vlm.name_or_path, device=current_device_name(vlm.device), configs=[FAST],
                           outcomes=[[outcome(1.0, 10.0, None)]], row_ids=["a calibration row"])
     run = dict(profile_records=records, max_new_tokens=1, include_oracle=False, num_threads=THREADS, progress=False)
     default = TwoStageController.for_executor(vlm, stage2_mode="latency_token", budget_range=(10, 100))
     default.latency_scale = 2.0
+    with monkeypatch.context() as patched:
+        patched.setattr(vlm, "generate_with_decision", lambda *a, **k: pytest.fail("a split generate below the range"))
+        below = evaluate_budgets(vlm, default, eval_rows[:1], [10.0], **run)
+    assert [o.knobs for o in below.outcomes[("controller", 10.0)]] == [vlm.knob_space.cheapest()]
     result = evaluate_budgets(vlm, default, eval_rows[:1], [10.0, 150.0, 300.0], **run)
     assert result.metadata["budgets outside the controller's training range"] == (
         "10 (5.0 after the latency scale, below the range: the cheapest configuration), "

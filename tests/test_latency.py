@@ -256,8 +256,8 @@ def test_bad_inputs():
         lookup_table([("a", 0.5, 10.0)], [])
     with pytest.raises(ValueError, match="-1"):
         violation_rate([10, -1], 100)
-    for flag in (True, np.False_):  # not read as 1 or 0 ms
-        with pytest.raises(ValueError, match=rf"latency_ms={flag!r} is not a number"):
+    for flag in (True, np.False_, np.array(True), torch.tensor(False)):  # not read as 1 or 0 ms
+        with pytest.raises(ValueError, match=re.escape(f"latency_ms={flag!r} is not a number")):
             violation_rate([10, flag], 100)
         with pytest.raises(ValueError, match=r"latency_ms of config 'a'=.* is not a number"):
             lookup_table([("a", 0.5, flag)], [100])

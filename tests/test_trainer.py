@@ -264,6 +264,18 @@ def test_temperature_samples_and_scores_the_same_distribution(tmp_path, stage2_m
         controller.sample(language, [HIGH], temperature=-1.0, latency_token_fn=lambda tiers, ps: out["latency_tokens"][:1])
 
 
+@pytest.mark.parametrize("sampling", ["uniform", "log_uniform"])
+def test_drawn_budgets_lie_inside_the_controllers_range_at_its_ends_too(sampling, tmp_path, monkeypatch):
+    """Without a budget column the budget is drawn inside the controller's range; the lowest draw is
+    its lower end exactly (in floating point exp(log(50)) is below 50, where greedy decisions would
+    take the cheapest configuration)."""
+    trainer, _, _ = make_trainer(tmp_path, budget_sampling=sampling, budget_column=None)
+    drawn = [trainer._budget_for({"prompt": f"{PROMPTS[0]} {i}"}) for i in range(50)]
+    assert all(50.0 <= b < 150.0 for b in drawn) and len(set(drawn)) == 50
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.zeros(1))
+    assert trainer._budget_for({"prompt": PROMPTS[0]}) == 50.0
+
+
 def test_the_loss_scores_p_given_the_tier_it_was_drawn_with(tmp_path):
     """On a model with tiers, the loss's log-probabilities of every decision are the ones sampled
     (ratio 1 before any update), ``p``'s included, which depends on the row's tier."""
@@ -817,7 +829,7 @@ def test_remove_unused_columns_keeps_the_columns_the_trainer_reads(tmp_path, pro
     assert all(trainer._budget_for(row) == LOW for row in rows)
 
 
-def test_model_card_example_and_training_settings(tmp_path):
+def test_model_card_example_and_training_settings(tmp_path, monkeypatch):
     """The card's example loads the controller from its Hub id (namespace included) and asks for a
     budget inside the controller's range, and the card says what budgets outside that range get; the
     training section names the latency margin and the decision overhead, and how the served
@@ -839,7 +851,10 @@ def test_model_card_example_and_training_settings(tmp_path):
     assert "50–150 ms (below it as at 50 ms, above it as at 150 ms)" in controller_model_card(controller, model_name="x")
     assert "`knob_grpo.profiling.suggest_latency_scale` with the saved `latency_profile.json` and `latency_margin=0.05`" in card
     # base_model is a Hub id or absent, as the Hub checks the card's metadata (and TRL's cards leave out local folders)
-    for name, base_model in (("someone/executor", "someone/executor"), ("knob_grpo/embedded", None), (str(tmp_path), None)):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local" / "executor").mkdir(parents=True)  # a folder here, though its name could be a Hub id
+    for name, base_model in (("someone/executor", "someone/executor"), ("knob_grpo/embedded", None), ("local/executor", None),
+                             (str(tmp_path), None)):
         controller.config.executor_name_or_path = name
         card = controller_model_card(controller, model_name="x")
         assert (f"\nbase_model: {base_model}\n" in card) if base_model else "base_model" not in card
