@@ -31,14 +31,13 @@ Inputs
   never trained there, and a range derived from the latency profile starts a little above what
   the fastest profiled configuration costs (the cheapest, which a profile always times), so below
   it nothing else is known to fit. Its stage 2 then reads no latency token, and the request runs as
-  a plain generate. (On the embedded
-  default, where the machine had slowed down since the profile, the decision for the range's lower
-  end was late in 10-28% of requests there, the best static configuration, on the low tier, in 1-3%.)
-  ``below_range="decide"`` decides from the encoding instead, as above. Sampling and
-  log-probabilities are the policy's either way; the greedy decisions a trainer credits stage 1
-  through (``stage1_credit``) follow the rule like any other, which matters only for budgets from a
-  budget column below the range (drawn budgets lie inside it). Checkpoints saved before the field
-  existed load with the default.
+  a plain generate. (On the embedded default, where the machine had slowed down since the
+  profile, the decision for the range's lower end was late in 10-28% of requests there, the best
+  static configuration, on the low tier, in 1-3%.) ``below_range="decide"`` decides from the
+  encoding instead, as above. Sampling and log-probabilities are the policy's either way; the
+  greedy decisions a trainer credits stage 1 through (``stage1_credit``) follow the rule like any
+  other, which matters only for budgets from a budget column below the range (drawn budgets lie
+  inside it). Checkpoints saved before the field existed load with the default.
 
   A "budget token" appended to the prompt (an option in the seed design) is not offered: the
   budget enters only through this feature.

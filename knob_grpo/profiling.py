@@ -305,9 +305,9 @@ def controller_job(adaptive: Any, controller: Any, text: str, budget: float, pre
 
     Everything a request pays for is inside the timed call: prompt features, stage 1, and either
     stage 2 before the generate (prompt mode, or a budget below the trained range) or stage 2 at
-    block ``p`` inside it (latency-token mode). ``prepared`` maps each tier to the request's prepared inputs (``{None: ...}`` for a
-    text-only request). Each call stores the knobs it ran in ``record["knobs"]`` and the prompt
-    length in ``record["prompt_len"]``.
+    block ``p`` inside it (latency-token mode). ``prepared`` maps each tier to the request's
+    prepared inputs (``{None: ...}`` for a text-only request). Each call stores the knobs it ran in
+    ``record["knobs"]`` and the prompt length in ``record["prompt_len"]``.
     """
     has_image = None not in prepared
 

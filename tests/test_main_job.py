@@ -70,14 +70,15 @@ def train_script(monkeypatch):
 
 def test_train_script_defaults_and_overrides(tmp_path, train_script):
     """The script's own defaults (dense answer reward, rewards not divided by the group's spread, each
-    decision credited through greedy later decisions, an exploration floor for stage 1, groups of 6), and
-    the command line and a YAML file override them as for any TRL script."""
+    decision credited through greedy later decisions, an exploration floor for stage 1, groups of 6, two
+    updates per batch of rollouts), and the command line and a YAML file override them as for any TRL script."""
     script, args = train_script.parse_args(["--output_dir", str(tmp_path)])
     assert script.answer_probability is True and args.scale_rewards == "none" and args.stage1_credit == "greedy_rest"
     assert (args.stage1_exploration, args.num_generations, args.per_device_train_batch_size) == (0.1, 6, 12)
+    assert (args.num_iterations, script.train_samples) == (2, 1792)
     library = KnobGRPOConfig(output_dir=str(tmp_path))  # the library keeps TRL's defaults
     assert library.scale_rewards == "group" and library.stage1_credit == "sampled" and library.num_generations == 8
-    assert library.stage1_exploration == 0.0
+    assert library.stage1_exploration == 0.0 and library.num_iterations == 1
     script, args = train_script.parse_args(["--output_dir", str(tmp_path), "--scale_rewards", "group", "--answer_probability", "false"])
     assert script.answer_probability is False and args.scale_rewards == "group"
     (tmp_path / "run.yaml").write_text("scale_rewards: batch\n")
