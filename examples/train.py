@@ -306,9 +306,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, KnobGRPO
     # only with p = 1, reached it from 60-64 ms. The extra greedy executions are paid for by groups of 6
     # instead of 8 (12 rows per step: still 2 prompts). The exploration floor keeps the high tier drawn
     # where stage 1 has given it up, so that p and stage 2 after it keep learning what fits there.
-    # Each batch of rollouts serves two updates, on half as many prompts: as many updates in about 55% of
-    # the training time (the main job ran 14:16-16:00 before; on one saved profile -0.005 to -0.010
-    # on average over two seeds, docs/embedded_default.md).
+    # Each batch of rollouts serves two updates, on half as many prompts: as many updates in about half
+    # the training time (the main job took 14:16-16:01 before, 10:24-10:39 since; on one saved profile
+    # -0.005 to -0.010 on average over two seeds, docs/embedded_default.md).
     parser.set_defaults_with_config(scale_rewards="none", stage1_credit="greedy_rest", stage1_exploration=0.1, num_generations=6,
                                     per_device_train_batch_size=12, num_iterations=2)
     argv = sys.argv[1:] if argv is None else list(argv)
