@@ -1004,15 +1004,14 @@ class TwoStageController(PreTrainedModel):
         values = self._budget_values(budgets, language.shape[0])
         code = self.budget_code(values, language.shape[0])
         # greedy decisions: the cheapest configuration below the trained range (ControllerConfig.below_range)
-        below = torch.tensor(self._below_range(values) if greedy else [False], device=language.device)
+        below = torch.tensor(self._below_range(values), device=language.device).repeat_interleave(num_generations) if greedy else None
+        cheapest = self.knob_indices([self.knob_space.cheapest()]) if below is not None and bool(below.any()) else {}
         if num_generations > 1:
             language = language.repeat_interleave(num_generations, dim=0)
             code = code.repeat_interleave(num_generations, dim=0)
-            below = below.repeat_interleave(num_generations) if greedy else below
         n = language.shape[0]
         idx: dict[str, torch.Tensor] = {}
         logps: dict[str, torch.Tensor] = {}
-        cheapest = self.knob_indices([self.knob_space.cheapest()]) if bool(below.any()) else {}
 
         def cheapest_below(names: tuple[str, ...]) -> None:
             for name in names:
